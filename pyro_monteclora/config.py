@@ -1,0 +1,204 @@
+"""The one configuration of a MonteCLoRA fine-tune: LoRA knobs, MonteCLoRA knobs, training knobs.
+
+Every default of the package lives here and nowhere else. Invalid values raise ``ValueError``
+naming the field and the value.
+
+Example:
+    >>> from pyro_monteclora import MonteCLoRAConfig
+    >>> config = MonteCLoRAConfig(lora_r=8, num_components=4)
+    >>> config.replace(learning_rate=1e-3).learning_rate
+    0.001
+    >>> MonteCLoRAConfig(lora_r=0)
+    Traceback (most recent call last):
+    ...
+    ValueError: lora_r must be a positive integer, got 0
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional, Union
+
+TASKS = ("auto", "classification", "causal_lm")
+SCHEDULERS = ("constant", "linear", "cosine")
+QUANTIZATIONS = (None, "int4", "int8")
+
+
+@dataclass
+class MonteCLoRAConfig:
+    """Settings of a MonteCLoRA adapter and of its training.
+
+    Args:
+        lora_r: LoRA rank r (the common fine-tuning default). Also the dimension of the Wishart
+            covariance of the stochastic columns of A.
+        lora_alpha: LoRA scale numerator; the adapter update is ``(alpha / r) * B @ A``.
+        lora_dropout: dropout on the input of the LoRA branch, as in peft.
+        target_modules: which linear layers get an adapter: ``"all-linear"`` (peft resolves it:
+            every linear layer but the output head), a list of module-name suffixes, or a regex.
+        modules_to_save: extra modules trained in full (point estimates). ``None`` lets peft pick
+            the classification head (``classifier``/``score``) for sequence classification.
+        num_components: N, Gaussian mixture components per column of A. The paper found N = 4
+            enough.
+        sample_scaler: epsilon, the scale of the noise added to A (``A~ = A + eps * sum_k pi_k
+            z_k``). The paper found about 5e-3 best.
+        kl_weight: weight of the KL terms in the negative ELBO. 1 is the exact ELBO; smaller
+            values temper the prior.
+        dirichlet_concentration: alpha0 of the symmetric Dirichlet prior on the mixture weights.
+            1 (uniform on the simplex) is the reference implementation's sampler default.
+        wishart_df: degrees of freedom of the Wishart prior on the covariance; ``None`` means
+            ``lora_r``, as in the paper and its code (scale matrix: identity). Must exceed
+            ``lora_r - 1``.
+        cooperative_weight: weight of the cooperative loss, the mean over adapted layers of
+            ``sum_k pi_k**2`` (minimal, 1/N, when all components share the weight equally). The
+            paper adds it to the loss; removing it cost 3-4 accuracy points there.
+        collapse_components: draw the exact-in-distribution equivalent ``||pi||_2 * z`` (one
+            Gaussian per column) instead of N components per column: d*r instead of N*d*r
+            normal draws per layer. Off by default, as in the paper.
+        group_layers: give layers of equal shape one vectorized set of sample sites (a plate over
+            layers) instead of three sites per layer. Same distribution, less bookkeeping.
+        task: ``"classification"``, ``"causal_lm"`` or ``"auto"`` (from the model class).
+        learning_rate: AdamW learning rate for A, B, the head and the variational parameters.
+        num_epochs: passes over the training data.
+        batch_size: examples per step.
+        weight_decay: AdamW weight decay (on all trainable tensors).
+        lr_scheduler: ``"linear"`` decay to 0, ``"cosine"`` or ``"constant"``, after warm-up.
+        warmup_ratio: share of the steps with a linear warm-up of the learning rate.
+        max_grad_norm: gradient clipping norm; ``None`` disables clipping.
+        max_length: token limit per example (longer ones are truncated).
+        seed: seed of everything random in a run (data order, LoRA init, noise, dropout).
+        eval_every_epoch: evaluate on the evaluation split (if any) after each epoch.
+        log_every: steps between updates of the progress bar (and finiteness checks).
+        quantization: load-time quantization of the base: ``None``, ``"int8"`` or ``"int4"``.
+    """
+
+    # --- LoRA (names and defaults as in common fine-tuning tools) -------------------------
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank r."})
+    lora_alpha: float = field(default=32, metadata={"help": "LoRA alpha; scale is alpha / r."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    target_modules: Union[str, list[str]] = field(
+        default="all-linear", metadata={"help": "'all-linear', module-name suffixes or a regex."}
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Modules trained in full (default: the task head)."}
+    )
+    # --- MonteCLoRA ------------------------------------------------------------------------
+    num_components: int = field(default=4, metadata={"help": "Mixture components N (paper: 4)."})
+    sample_scaler: float = field(default=5e-3, metadata={"help": "Noise scale epsilon (paper: 5e-3)."})
+    kl_weight: float = field(default=1.0, metadata={"help": "KL weight; 1 is the exact ELBO."})
+    dirichlet_concentration: float = field(
+        default=1.0, metadata={"help": "Symmetric Dirichlet prior concentration alpha0."}
+    )
+    wishart_df: Optional[float] = field(
+        default=None, metadata={"help": "Wishart prior degrees of freedom (default: lora_r)."}
+    )
+    cooperative_weight: float = field(
+        default=1.0, metadata={"help": "Weight of the cooperative loss mean(sum_k pi_k^2)."}
+    )
+    collapse_components: bool = field(
+        default=False, metadata={"help": "Draw ||pi||*z instead of N components (same law)."}
+    )
+    group_layers: bool = field(
+        default=True, metadata={"help": "One vectorized site per group of equally shaped layers."}
+    )
+    task: str = field(default="auto", metadata={"help": "classification, causal_lm or auto."})
+    # --- training --------------------------------------------------------------------------
+    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate."})
+    num_epochs: int = field(default=3, metadata={"help": "Passes over the training data."})
+    batch_size: int = field(default=16, metadata={"help": "Examples per step."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    lr_scheduler: str = field(default="linear", metadata={"help": "linear, cosine or constant."})
+    warmup_ratio: float = field(default=0.03, metadata={"help": "Share of steps of warm-up."})
+    max_grad_norm: Optional[float] = field(default=1.0, metadata={"help": "Clip norm (None: off)."})
+    max_length: int = field(default=256, metadata={"help": "Token limit per example."})
+    seed: int = field(default=0, metadata={"help": "Seed of the whole run."})
+    eval_every_epoch: bool = field(default=True, metadata={"help": "Evaluate after each epoch."})
+    log_every: int = field(default=10, metadata={"help": "Steps between progress-bar updates."})
+    quantization: Optional[str] = field(
+        default=None, metadata={"help": "None, 'int8' or 'int4' quantization of the base."}
+    )
+
+    def __post_init__(self) -> None:
+        _positive_int(self, "lora_r", "num_components", "num_epochs", "batch_size", "max_length", "log_every")
+        _positive(self, "lora_alpha", "sample_scaler", "dirichlet_concentration", "learning_rate")
+        _non_negative(self, "kl_weight", "cooperative_weight", "weight_decay")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"max_grad_norm must be positive or None, got {self.max_grad_norm!r}")
+        if self.wishart_df is not None and not self.wishart_df > self.lora_r - 1:
+            raise ValueError(
+                f"wishart_df must exceed lora_r - 1 = {self.lora_r - 1} for a proper Wishart, "
+                f"got {self.wishart_df!r}"
+            )
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.lr_scheduler not in SCHEDULERS:
+            raise ValueError(f"lr_scheduler must be one of {SCHEDULERS}, got {self.lr_scheduler!r}")
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"quantization must be one of {QUANTIZATIONS}, got {self.quantization!r}")
+        if isinstance(self.target_modules, (list, tuple)):
+            if not self.target_modules or not all(isinstance(m, str) and m for m in self.target_modules):
+                raise ValueError(
+                    f"target_modules must be 'all-linear', a regex or a non-empty list of names, "
+                    f"got {self.target_modules!r}"
+                )
+            self.target_modules = list(self.target_modules)
+        elif not isinstance(self.target_modules, str) or not self.target_modules:
+            raise ValueError(f"target_modules must be a non-empty string or list, got {self.target_modules!r}")
+
+    @property
+    def prior_wishart_df(self) -> float:
+        """Degrees of freedom of the Wishart prior (``wishart_df``, or ``lora_r`` when unset)."""
+        return float(self.lora_r if self.wishart_df is None else self.wishart_df)
+
+    @property
+    def lora_scaling(self) -> float:
+        """The LoRA scale ``lora_alpha / lora_r`` that multiplies ``B @ A``."""
+        return self.lora_alpha / self.lora_r
+
+    def replace(self, **overrides: Any) -> "MonteCLoRAConfig":
+        """A copy with some fields changed; unknown names raise ``TypeError`` listing the valid ones."""
+        unknown = sorted(set(overrides) - {f.name for f in fields(self)})
+        if unknown:
+            raise TypeError(
+                f"unknown MonteCLoRAConfig field(s) {unknown}; valid fields: {sorted(f.name for f in fields(self))}"
+            )
+        return dataclasses.replace(self, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict of all fields."""
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        """The config as JSON with sorted keys and indentation."""
+        return json.dumps(self.to_dict(), sort_keys=True, indent=2)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "MonteCLoRAConfig":
+        """Rebuild a config from :meth:`to_dict`'s output; unknown keys raise ``TypeError``."""
+        return cls().replace(**values)
+
+
+def _positive_int(config: MonteCLoRAConfig, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _positive(config: MonteCLoRAConfig, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+
+def _non_negative(config: MonteCLoRAConfig, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise ValueError(f"{name} must be a non-negative number, got {value!r}")

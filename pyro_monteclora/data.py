@@ -1,0 +1,223 @@
+"""Turn user data into tokenized examples and padded batches for classification or causal LM.
+
+Accepted data: a ``datasets.Dataset``, a ``DatasetDict`` (``train`` split, plus ``validation``
+or ``test`` for evaluation), a list of dicts, or the path of a local JSON / JSONL / CSV file.
+
+- classification: columns ``text`` and ``label`` (an int in ``[0, num_labels)``, or a string
+  in the model's ``label2id``); a ``text_pair`` column is passed as the second segment.
+- causal LM: ``instruction``/``input``/``output`` (the format of the paper's commonsense and
+  math sets, with the Alpaca prompt they were trained with), ``prompt``/``completion``, or chat
+  ``messages`` (a list of ``{"role", "content"}``; the last message is the target). Only the
+  target tokens are scored: prompt and padding labels are ``IGNORE_INDEX``.
+
+Example:
+    >>> from pyro_monteclora.data import format_instruction
+    >>> format_instruction({"instruction": "Add 2 and 3.", "input": ""})[-14:]
+    '### Response:\\n'
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from datasets import Dataset, DatasetDict, load_dataset
+
+from .models.likelihood import IGNORE_INDEX
+
+__all__ = [
+    "load_data",
+    "split_data",
+    "tokenize_classification",
+    "tokenize_causal_lm",
+    "Collator",
+    "format_instruction",
+    "DataLike",
+]
+
+DataLike = Union[Dataset, DatasetDict, str, os.PathLike, Sequence[dict]]
+
+PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+EVAL_SPLITS = ("validation", "test", "eval")
+
+
+def load_data(data: DataLike) -> Union[Dataset, DatasetDict]:
+    """A ``Dataset``/``DatasetDict`` from any accepted form; local files only, no hub access."""
+    if isinstance(data, (Dataset, DatasetDict)):
+        return data
+    if isinstance(data, (str, os.PathLike)):
+        path = os.fspath(data)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"data file {path!r} does not exist")
+        extension = os.path.splitext(path)[1].lower()
+        if extension in (".json", ".jsonl"):
+            return _load_json(path)
+        if extension == ".csv":
+            return load_dataset("csv", data_files=path, split="train")
+        raise ValueError(f"cannot read {path!r}: use a .json, .jsonl or .csv file, or a datasets.Dataset")
+    if isinstance(data, Sequence) and all(isinstance(row, dict) for row in data):
+        return Dataset.from_list(list(data))
+    raise TypeError(f"data must be a Dataset, DatasetDict, list of dicts or file path, got {type(data).__name__}")
+
+
+def _load_json(path: str) -> Dataset:
+    with open(path, encoding="utf-8") as handle:
+        head = next((line.strip()[:1] for line in handle if line.strip()), "")
+    if head == "":
+        return Dataset.from_list([])
+    if head == "[":
+        with open(path, encoding="utf-8") as handle:
+            rows = json.load(handle)
+        return Dataset.from_list(rows)
+    return load_dataset("json", data_files=path, split="train")
+
+
+def split_data(
+    data: Union[Dataset, DatasetDict], eval_data: Optional[Union[Dataset, DatasetDict]] = None
+) -> tuple[Dataset, Optional[Dataset]]:
+    """The training split and the evaluation split (``validation``/``test``/``eval``) if any."""
+    if isinstance(data, DatasetDict):
+        if "train" not in data:
+            raise ValueError(f"a DatasetDict needs a 'train' split, got splits {sorted(data)}")
+        train = data["train"]
+        if eval_data is None:
+            eval_data = next((data[s] for s in EVAL_SPLITS if s in data), None)
+    else:
+        train = data
+    if isinstance(eval_data, DatasetDict):
+        eval_data = next((eval_data[s] for s in EVAL_SPLITS if s in eval_data), None)
+    if len(train) == 0:
+        raise ValueError("the training dataset is empty: it needs at least one example")
+    return train, eval_data
+
+
+def _require_columns(data: Dataset, any_of: list[tuple[str, ...]], task: str) -> tuple[str, ...]:
+    for columns in any_of:
+        if all(c in data.column_names for c in columns):
+            return columns
+    wanted = " or ".join("/".join(c) for c in any_of)
+    raise ValueError(f"{task} data needs columns {wanted}; the dataset has columns {data.column_names}")
+
+
+def tokenize_classification(
+    data: Dataset, tokenizer: Any, max_length: int, num_labels: int, label2id: Optional[dict] = None
+) -> list[dict[str, list[int]]]:
+    """Tokenized examples ``{"input_ids", ..., "label"}``; checks labels against ``num_labels``."""
+    if len(data) == 0:
+        raise ValueError("the dataset is empty: it needs at least one example")
+    _require_columns(data, [("text", "label")], "classification")
+    labels = [_label_id(v, num_labels, label2id, row) for row, v in enumerate(data["label"])]
+    pair = data["text_pair"] if "text_pair" in data.column_names else None
+    encoded = tokenizer(list(data["text"]), pair, truncation=True, max_length=max_length)
+    keys = [k for k in encoded.keys() if k in ("input_ids", "attention_mask", "token_type_ids")]
+    return [{**{k: encoded[k][i] for k in keys}, "label": labels[i]} for i in range(len(labels))]
+
+
+def _label_id(value: Any, num_labels: int, label2id: Optional[dict], row: int) -> int:
+    if isinstance(value, str):
+        if label2id and value in label2id:
+            return int(label2id[value])
+        raise ValueError(
+            f"label {value!r} in row {row} is a string not in the model's label2id {label2id}; "
+            "use integer labels in [0, num_labels) or set model.config.label2id"
+        )
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < num_labels:
+        raise ValueError(
+            f"label {value!r} in row {row} is out of range for a model with num_labels={num_labels}: "
+            f"labels must be integers in [0, {num_labels}); load the model with num_labels set to the "
+            "number of classes"
+        )
+    return value
+
+
+def format_instruction(row: dict) -> str:
+    """The Alpaca prompt used for the paper's instruction-format data."""
+    template = PROMPT_WITH_INPUT if row.get("input") else PROMPT_NO_INPUT
+    return template.format(instruction=row["instruction"], input=row.get("input", ""))
+
+
+def _prompt_and_target(row: dict, columns: tuple[str, ...], tokenizer: Any) -> tuple[str, str]:
+    if columns == ("instruction", "output"):
+        return format_instruction(row), row["output"]
+    if columns == ("prompt", "completion"):
+        return row["prompt"], row["completion"]
+    messages = row["messages"]
+    if not messages or messages[-1].get("role") != "assistant":
+        raise ValueError("each 'messages' list must end with the assistant message to learn")
+    if getattr(tokenizer, "chat_template", None):
+        prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
+    else:
+        prompt = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages[:-1]) + "<|assistant|>\n"
+    return prompt, messages[-1]["content"]
+
+
+def tokenize_causal_lm(data: Dataset, tokenizer: Any, max_length: int) -> list[dict[str, list[int]]]:
+    """Tokenized ``{"input_ids", "attention_mask", "labels"}`` with prompt labels ignored.
+
+    Examples whose target is cut off entirely by ``max_length`` are dropped; if none remains,
+    ``ValueError`` says so.
+    """
+    if len(data) == 0:
+        raise ValueError("the dataset is empty: it needs at least one example")
+    columns = _require_columns(
+        data, [("instruction", "output"), ("prompt", "completion"), ("messages",)], "causal LM"
+    )
+    pairs = [_prompt_and_target(row, columns, tokenizer) for row in data]
+    prompts = tokenizer([p for p, _ in pairs])["input_ids"]
+    targets = tokenizer([t for _, t in pairs], add_special_tokens=False)["input_ids"]
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    examples = []
+    for prompt, target in zip(prompts, targets):
+        ids = (prompt + target + eos)[:max_length]
+        labels = ([IGNORE_INDEX] * len(prompt) + target + eos)[:max_length]
+        if any(label != IGNORE_INDEX for label in labels[1:]):
+            examples.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
+    if not examples:
+        raise ValueError(
+            f"no example keeps any target token within max_length={max_length}; raise max_length"
+        )
+    return examples
+
+
+@dataclass
+class Collator:
+    """Pads tokenized examples into a batch; adds ``index`` (dataset positions) for the data plate."""
+
+    pad_token_id: int
+
+    def __call__(self, items: list[tuple[int, dict[str, Any]]]) -> dict[str, torch.Tensor]:
+        indices, examples = zip(*items)
+        length = max(len(e["input_ids"]) for e in examples)
+        batch: dict[str, torch.Tensor] = {"index": torch.tensor(indices)}
+        pads = {"input_ids": self.pad_token_id, "attention_mask": 0, "token_type_ids": 0, "labels": IGNORE_INDEX}
+        for key, pad in pads.items():
+            if key in examples[0]:
+                batch[key] = torch.tensor([e[key] + [pad] * (length - len(e[key])) for e in examples])
+        if "label" in examples[0]:
+            batch["labels"] = torch.tensor([e["label"] for e in examples])
+        return batch
+
+
+class IndexedExamples(torch.utils.data.Dataset):
+    """A list of tokenized examples that yields ``(position, example)``."""
+
+    def __init__(self, examples: list[dict[str, Any]]) -> None:
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> tuple[int, dict[str, Any]]:
+        return index, self.examples[index]

@@ -1,0 +1,17 @@
+"""The MonteCLoRA Pyro model: priors, noise map, likelihoods and the model itself."""
+
+from .likelihood import IGNORE_INDEX, OBSERVATION_SITE, causal_lm_likelihood, classification_likelihood
+from .model import MonteCLoRAModel
+from .noise import adapter_noise
+from .prior import GroupPrior, site_names
+
+__all__ = [
+    "MonteCLoRAModel",
+    "GroupPrior",
+    "adapter_noise",
+    "site_names",
+    "classification_likelihood",
+    "causal_lm_likelihood",
+    "IGNORE_INDEX",
+    "OBSERVATION_SITE",
+]

@@ -1,0 +1,72 @@
+"""Likelihoods of the task data given the adapted network's logits.
+
+Both put the observations in ``pyro.plate("data", size=dataset_size, subsample=indices)``, so a
+minibatch's log-likelihood is scaled by ``dataset_size / batch_size`` and the ELBO of a minibatch
+estimates the ELBO of the whole dataset.
+
+Example:
+    >>> import torch, pyro
+    >>> logits = torch.zeros(4, 3)
+    >>> trace = pyro.poutine.trace(classification_likelihood).get_trace(
+    ...     logits, torch.tensor([0, 1, 2, 0]), dataset_size=8, subsample=torch.arange(4))
+    >>> round(float(trace.log_prob_sum()), 4)   # 8 * log(1/3), scaled from 4 examples
+    -8.7889
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import pyro
+import pyro.distributions as dist
+import torch
+
+__all__ = ["classification_likelihood", "causal_lm_likelihood", "IGNORE_INDEX", "OBSERVATION_SITE"]
+
+IGNORE_INDEX = -100
+OBSERVATION_SITE = "obs"
+
+
+def _plate(batch_size: int, dataset_size: Optional[int], subsample: Optional[torch.Tensor], device):
+    if dataset_size is None:
+        return pyro.plate("data", batch_size, dim=-1)
+    if subsample is None:
+        subsample = torch.arange(batch_size, device=device)
+    return pyro.plate("data", size=dataset_size, subsample=subsample, dim=-1)
+
+
+def classification_likelihood(
+    logits: torch.Tensor,
+    labels: Optional[torch.Tensor],
+    dataset_size: Optional[int] = None,
+    subsample: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``labels[i] ~ Categorical(logits[i])`` for a batch of ``(batch, classes)`` logits."""
+    with _plate(logits.shape[0], dataset_size, subsample, logits.device):
+        return pyro.sample(OBSERVATION_SITE, dist.Categorical(logits=logits), obs=labels)
+
+
+def causal_lm_likelihood(
+    logits: torch.Tensor,
+    labels: Optional[torch.Tensor],
+    dataset_size: Optional[int] = None,
+    subsample: Optional[torch.Tensor] = None,
+) -> Optional[torch.Tensor]:
+    """Each sequence's next tokens ``~ Categorical(logits)``, over positions whose label is kept.
+
+    ``labels`` are ``(batch, length)`` token ids aligned with the inputs, ``IGNORE_INDEX`` on
+    prompt and padding positions (as in transformers); position ``t`` is predicted from ``t - 1``.
+    A sequence is one observation (its tokens are its event), so the plate counts sequences.
+    """
+    shifted = logits[:, :-1]
+    if labels is None:
+        with _plate(logits.shape[0], dataset_size, subsample, logits.device):
+            return pyro.sample(OBSERVATION_SITE, dist.Categorical(logits=shifted).to_event(1))
+    targets = labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    with _plate(logits.shape[0], dataset_size, subsample, logits.device):
+        return pyro.sample(
+            OBSERVATION_SITE,
+            dist.Categorical(logits=shifted).mask(keep).to_event(1),
+            obs=torch.where(keep, targets, torch.zeros_like(targets)),  # masked positions: any valid id
+        )

@@ -1,0 +1,86 @@
+"""The MonteCLoRA Pyro model: priors on every layer group, the adapted network, the likelihood.
+
+``MonteCLoRAModel(batch, dataset_size)`` samples each group's latents from the prior (or takes
+them from a guide under ``poutine.replay``), turns them into noise on the LoRA factors A, runs
+the real transformer forward pass with ``A~ = A + noise`` and observes the labels. It returns
+the logits. A, B and the task head are parameters of the network (point estimates); the base
+weights are frozen by peft.
+
+Example:
+    >>> import pyro, torch
+    >>> from pyro_monteclora import MonteCLoRA
+    >>> from pyro_monteclora.testing import tiny_bert
+    >>> mc = MonteCLoRA.from_model(tiny_bert(), lora_r=4)
+    >>> batch = {"input_ids": torch.tensor([[1, 5, 2]]), "attention_mask": torch.ones(1, 3, dtype=torch.long),
+    ...          "labels": torch.tensor([1])}
+    >>> trace = pyro.poutine.trace(mc.model).get_trace(batch, dataset_size=100)
+    >>> [name for name in trace.stochastic_nodes]
+    ['d16.covariance_tril', 'd16.weights', 'd16.components', 'd32.covariance_tril', 'd32.weights', 'd32.components']
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+import torch
+from torch import nn
+
+from ..config import MonteCLoRAConfig
+from ..layers import LayerGroup, noise_context
+from .likelihood import causal_lm_likelihood, classification_likelihood
+from .noise import adapter_noise
+from .prior import GroupPrior
+
+__all__ = ["MonteCLoRAModel", "NON_INPUT_KEYS"]
+
+NON_INPUT_KEYS = ("labels", "index")
+
+
+class MonteCLoRAModel(nn.Module):
+    """The generative model of a MonteCLoRA fine-tune (a Pyro model as an ``nn.Module``).
+
+    Args:
+        network: the peft-wrapped transformers model whose ``lora_A`` layers read noise from
+            the ``groups``' slots.
+        groups: the layer groups (see :func:`pyro_monteclora.layers.attach_lora`).
+        config: supplies N, epsilon, the Wishart df, alpha0 and whether components collapse.
+        task: ``"classification"`` or ``"causal_lm"``.
+    """
+
+    def __init__(
+        self, network: nn.Module, groups: tuple[LayerGroup, ...], config: MonteCLoRAConfig, task: str
+    ) -> None:
+        super().__init__()
+        self.network = network
+        self.groups = groups
+        self.task = task
+        self.sample_scaler = config.sample_scaler
+        self.collapsed = config.collapse_components
+        self.priors = nn.ModuleDict(
+            {
+                g.name: GroupPrior(
+                    g,
+                    config.num_components,
+                    config.prior_wishart_df,
+                    config.dirichlet_concentration,
+                    config.collapse_components,
+                )
+                for g in groups
+            }
+        )
+        self.likelihood = classification_likelihood if task == "classification" else causal_lm_likelihood
+
+    def noise(self, latents: Mapping[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Noise on A per group from ``{group: (covariance_tril, weights, components)}``."""
+        return {
+            name: adapter_noise(tril, weights, components, self.sample_scaler, self.collapsed)
+            for name, (tril, weights, components) in latents.items()
+        }
+
+    def forward(self, batch: Mapping[str, torch.Tensor], dataset_size: Optional[int] = None) -> torch.Tensor:
+        latents = {name: prior() for name, prior in self.priors.items()}
+        inputs = {k: v for k, v in batch.items() if k not in NON_INPUT_KEYS}
+        with noise_context(self.groups, self.noise(latents)):
+            logits = self.network(**inputs).logits
+        self.likelihood(logits, batch.get("labels"), dataset_size, batch.get("index"))
+        return logits

@@ -1,0 +1,118 @@
+"""``MonteCLoRA``: a transformers model with a MonteCLoRA adapter, its Pyro model and guide.
+
+Example:
+    >>> import torch
+    >>> from pyro_monteclora import MonteCLoRA
+    >>> from pyro_monteclora.testing import tiny_bert
+    >>> mc = MonteCLoRA.from_model(tiny_bert(), lora_r=4)
+    >>> batch = {"input_ids": torch.tensor([[1, 5, 2]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
+    >>> mc.mean_logits(batch).shape            # the mean adapter: plain peft LoRA
+    torch.Size([1, 2])
+    >>> mc.sample_logits(batch).shape          # one adapter drawn from the guide
+    torch.Size([1, 2])
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+import pyro.poutine as poutine
+import torch
+from torch import nn
+
+from .config import MonteCLoRAConfig
+from .guides import MonteCLoRAGuide
+from .layers import LayerGroup, attach_lora
+from .models import MonteCLoRAModel
+from .models.model import NON_INPUT_KEYS
+
+__all__ = ["MonteCLoRA", "infer_task"]
+
+
+def infer_task(model: nn.Module) -> str:
+    """``"classification"`` or ``"causal_lm"`` from a transformers model's class name."""
+    name = type(model).__name__
+    if name.endswith("ForSequenceClassification"):
+        return "classification"
+    if name.endswith("ForCausalLM") or name.endswith("LMHeadModel"):
+        return "causal_lm"
+    raise ValueError(
+        f"cannot tell the task of a {name}: pass task='classification' (a model returning "
+        "(batch, classes) logits) or task='causal_lm' (a model returning (batch, length, vocab) logits)"
+    )
+
+
+class MonteCLoRA(nn.Module):
+    """A peft LoRA model whose factors A are random, with the matching Pyro model and guide.
+
+    Attributes:
+        model: the Pyro model (:class:`~pyro_monteclora.models.MonteCLoRAModel`); holds the network.
+        guide: the variational guide (:class:`~pyro_monteclora.guides.MonteCLoRAGuide`).
+        groups: the layer groups sharing vectorized sample sites.
+        config: the :class:`MonteCLoRAConfig` it was built with.
+        task: ``"classification"`` or ``"causal_lm"``.
+        tokenizer: the tokenizer used in training, if known.
+    """
+
+    def __init__(
+        self,
+        network: nn.Module,
+        groups: tuple[LayerGroup, ...],
+        config: MonteCLoRAConfig,
+        task: str,
+        tokenizer: Any = None,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.task = task
+        self.groups = groups
+        self.tokenizer = tokenizer
+        self.model = MonteCLoRAModel(network, groups, config, task)
+        self.guide = MonteCLoRAGuide(groups, config)
+
+    @classmethod
+    def from_model(
+        cls,
+        model: nn.Module,
+        config: Optional[MonteCLoRAConfig] = None,
+        tokenizer: Any = None,
+        **overrides: Any,
+    ) -> "MonteCLoRA":
+        """Attach a MonteCLoRA adapter to a transformers model (modified in place by peft)."""
+        config = (config or MonteCLoRAConfig()).replace(**overrides)
+        task = infer_task(model) if config.task == "auto" else config.task
+        network, groups = attach_lora(model, config, task)
+        device = next(network.parameters()).device
+        return cls(network, groups, config, task, tokenizer).to(device)
+
+    @property
+    def network(self) -> nn.Module:
+        """The peft model (base + mean LoRA adapter)."""
+        return self.model.network
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """A, B, the task head and the variational parameters (what training updates)."""
+        network = [p for p in self.network.parameters() if p.requires_grad]
+        return network + list(self.guide.parameters())
+
+    def num_extra_parameters(self) -> int:
+        """Parameters MonteCLoRA adds to plain LoRA: ``r + N`` per adapted layer."""
+        return sum(p.numel() for p in self.guide.parameters())
+
+    @staticmethod
+    def _inputs(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in batch.items() if k not in NON_INPUT_KEYS}
+
+    def mean_logits(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Logits of the mean adapter (``A~ = E[A~] = A``): exactly the peft LoRA model."""
+        return self.network(**self._inputs(batch)).logits
+
+    def sample_logits(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Logits with one adapter drawn from the guide (the variational posterior)."""
+        guide_trace = poutine.trace(self.guide).get_trace(batch)
+        inputs = self._inputs(batch)
+        return poutine.block(poutine.replay(self.model, trace=guide_trace))(inputs)
+
+    def forward(self, **inputs: torch.Tensor) -> Any:
+        """The network's forward pass with the mean adapter (transformers outputs)."""
+        return self.network(**inputs)
