@@ -71,6 +71,9 @@ class MonteCLoRAConfig:
         eval_every_epoch: evaluate on the evaluation split (if any) after each epoch.
         log_every: steps between updates of the progress bar (and finiteness checks).
         quantization: load-time quantization of the base: ``None``, ``"int8"`` or ``"int4"``.
+        output_dir: where :func:`train` saves its result (``None``: nothing is written).
+        merge_adapter: save a merged model (base weights + mean adapter, loadable without this
+            package) rather than the adapter alone; the variational posterior is saved either way.
     """
 
     # --- LoRA (names and defaults as in common fine-tuning tools) -------------------------
@@ -117,6 +120,13 @@ class MonteCLoRAConfig:
     log_every: int = field(default=10, metadata={"help": "Steps between progress-bar updates."})
     quantization: Optional[str] = field(
         default=None, metadata={"help": "None, 'int8' or 'int4' quantization of the base."}
+    )
+    # --- output ----------------------------------------------------------------------------
+    output_dir: Optional[str] = field(
+        default=None, metadata={"help": "Folder to save the result in after training (None: don't save)."}
+    )
+    merge_adapter: bool = field(
+        default=True, metadata={"help": "Save a merged model (base + mean adapter); else adapters only."}
     )
 
     def __post_init__(self) -> None:
