@@ -1,0 +1,168 @@
+"""Calibration metrics of probabilistic classifiers: accuracy, NLL, Brier score, ECE, diagrams.
+
+Every function takes ``probs``, an ``(n, C)`` tensor of predicted class probabilities (rows sum
+to 1), and ``labels``, an ``(n,)`` long tensor of true classes, and returns a Python float.
+
+Example:
+    >>> import torch
+    >>> probs = torch.tensor([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]])
+    >>> labels = torch.tensor([0, 1, 1])
+    >>> accuracy(probs, labels)
+    0.6666666666666666
+    >>> round(brier_score(probs, labels), 4)    # ((0.1²·2) + (0.2²·2) + (0.6²·2)) / 3
+    0.2733
+    >>> sorted(calibration_metrics(probs, labels))
+    ['accuracy', 'brier', 'ece', 'nll']
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+__all__ = [
+    "accuracy",
+    "negative_log_likelihood",
+    "brier_score",
+    "expected_calibration_error",
+    "calibration_bins",
+    "reliability_diagram",
+    "calibration_metrics",
+]
+
+
+def _check(probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    probs = torch.as_tensor(probs)
+    labels = torch.as_tensor(labels)
+    if probs.dim() != 2:
+        raise ValueError(f"probs must have shape (n, classes), got {tuple(probs.shape)}")
+    if labels.shape != probs.shape[:1]:
+        raise ValueError(f"labels must have shape ({probs.shape[0]},) to match probs, got {tuple(labels.shape)}")
+    if probs.shape[0] == 0:
+        raise ValueError("calibration metrics need at least one example")
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be integer class indices, got dtype {labels.dtype}")
+    if bool((labels < 0).any()) or bool((labels >= probs.shape[1]).any()):
+        raise ValueError(f"labels must lie in [0, {probs.shape[1]}), got values {labels.unique().tolist()}")
+    return probs.detach().double().cpu(), labels.detach().long().cpu()
+
+
+def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Share of examples whose most probable class is the label."""
+    probs, labels = _check(probs, labels)
+    return float((probs.argmax(-1) == labels).double().mean())
+
+
+def negative_log_likelihood(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Mean over examples of ``-log probs[i, labels[i]]`` (nats); ``inf`` if a label has probability 0."""
+    probs, labels = _check(probs, labels)
+    return float(-probs.gather(1, labels[:, None]).log().mean())
+
+
+def brier_score(probs: torch.Tensor, labels: torch.Tensor) -> float:
+    """Multi-class Brier score: mean over examples of ``sum_c (probs[i, c] - [labels[i] = c])**2``.
+
+    The sum runs over all C classes (Brier's original definition), so the score lies in
+    ``[0, 2]``; for two classes it is twice the "binary" Brier score ``(p_1 - y)**2``.
+    """
+    probs, labels = _check(probs, labels)
+    one_hot = torch.nn.functional.one_hot(labels, probs.shape[1]).double()
+    return float((probs - one_hot).pow(2).sum(-1).mean())
+
+
+def calibration_bins(probs: torch.Tensor, labels: torch.Tensor, num_bins: int = 15) -> dict[str, torch.Tensor]:
+    """Equal-width bins on the confidence ``max_c probs[i, c]``.
+
+    Bin ``b`` holds confidences in ``(b / B, (b + 1) / B]`` (a confidence of exactly 0 goes to the
+    first bin). Returns ``count``, ``accuracy`` and ``confidence`` per bin (``(B,)`` tensors; the
+    mean accuracy and confidence of an empty bin are 0) and the bin ``edges`` ``(B + 1,)``.
+    """
+    if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 1:
+        raise ValueError(f"num_bins must be a positive integer, got {num_bins!r}")
+    probs, labels = _check(probs, labels)
+    confidence, predicted = probs.max(-1)
+    correct = (predicted == labels).double()
+    index = (torch.ceil(confidence * num_bins).long() - 1).clamp(0, num_bins - 1)
+    count = torch.zeros(num_bins, dtype=torch.float64).index_add_(0, index, torch.ones_like(confidence))
+    hits = torch.zeros(num_bins, dtype=torch.float64).index_add_(0, index, correct)
+    confidences = torch.zeros(num_bins, dtype=torch.float64).index_add_(0, index, confidence)
+    safe = count.clamp_min(1.0)
+    return {
+        "count": count,
+        "accuracy": hits / safe,
+        "confidence": confidences / safe,
+        "edges": torch.linspace(0.0, 1.0, num_bins + 1, dtype=torch.float64),
+    }
+
+
+def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, num_bins: int = 15) -> float:
+    """ECE: ``sum_b (n_b / n) |accuracy_b - confidence_b|`` over equal-width confidence bins.
+
+    Confidence is the maximum predicted probability; see :func:`calibration_bins` for the bins.
+    """
+    bins = calibration_bins(probs, labels, num_bins)
+    weights = bins["count"] / bins["count"].sum()
+    return float((weights * (bins["accuracy"] - bins["confidence"]).abs()).sum())
+
+
+def calibration_metrics(probs: torch.Tensor, labels: torch.Tensor, num_bins: int = 15) -> dict[str, float]:
+    """``{"accuracy", "nll", "brier", "ece"}`` of one set of predictions."""
+    return {
+        "accuracy": accuracy(probs, labels),
+        "nll": negative_log_likelihood(probs, labels),
+        "brier": brier_score(probs, labels),
+        "ece": expected_calibration_error(probs, labels, num_bins),
+    }
+
+
+def reliability_diagram(
+    probs: torch.Tensor,
+    labels: torch.Tensor,
+    path: str | os.PathLike,
+    num_bins: int = 15,
+    title: Optional[str] = None,
+) -> str:
+    """Write one PNG: the reliability diagram (accuracy per confidence bin) above a histogram of
+    the confidences. Returns the path written. Uses matplotlib's non-interactive Agg backend.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    bins = calibration_bins(probs, labels, num_bins)
+    ece = expected_calibration_error(probs, labels, num_bins)
+    acc = accuracy(probs, labels)
+    edges = bins["edges"].numpy()
+    width = edges[1] - edges[0]
+    centers = edges[:-1] + width / 2
+    filled = (bins["count"] > 0).numpy()
+
+    figure = Figure(figsize=(4.2, 5.0), dpi=100)
+    top, bottom = figure.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    top.bar(centers[filled], bins["accuracy"].numpy()[filled], width=width, edgecolor="black",
+            color="tab:blue", label="accuracy")
+    gap_low = bins["accuracy"].numpy()[filled]
+    gap = bins["confidence"].numpy()[filled] - gap_low
+    top.bar(centers[filled], gap, bottom=gap_low, width=width, edgecolor="tab:red", color="tab:red",
+            alpha=0.3, hatch="//", label="gap to confidence")
+    top.plot([0, 1], [0, 1], linestyle="--", color="gray", label="perfect calibration")
+    top.set_ylabel("accuracy")
+    top.set_xlim(0, 1)
+    top.set_ylim(0, 1)
+    top.legend(loc="upper left", fontsize=8)
+    top.set_title(title or "Reliability diagram", fontsize=10)
+    top.text(0.97, 0.05, f"ECE = {ece:.3f}\naccuracy = {acc:.3f}", ha="right", va="bottom",
+             transform=top.transAxes, fontsize=8)
+    bottom.bar(centers, bins["count"].numpy(), width=width, edgecolor="black", color="tab:gray")
+    bottom.set_xlabel("confidence (max probability)")
+    bottom.set_ylabel("count")
+    figure.tight_layout()
+    path = os.fspath(path)
+    folder = os.path.dirname(path)
+    if folder:
+        os.makedirs(folder, exist_ok=True)
+    figure.savefig(path, format="png")
+    return path

@@ -1,0 +1,121 @@
+"""``evaluate(monteclora, dataset)``: calibration of the mean adapter and of the posterior predictive.
+
+For a classification model the dataset has ``text``/``label`` columns (tokenized as in
+training); for a causal LM it holds multiple-choice instruction rows (``instruction``,
+``input``, ``output``, ``answer``, as in the commonsense sets), scored by
+:func:`~pyro_monteclora.predictive.multiple_choice` over the answers allowed by the row's
+``Answer format: a/b/...``.
+
+Example:
+    >>> from pyro_monteclora import MonteCLoRA
+    >>> from pyro_monteclora.testing import tiny_bert
+    >>> from transformers import BertTokenizerFast
+    >>> import tempfile, os
+    >>> folder = tempfile.mkdtemp(); vocab = os.path.join(folder, "vocab.txt")
+    >>> _ = open(vocab, "w").write("\\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "good", "bad"]))
+    >>> mc = MonteCLoRA.from_model(tiny_bert(vocab_size=6), lora_r=4)
+    >>> data = [{"text": "good", "label": 1}, {"text": "bad", "label": 0}]
+    >>> result = evaluate(mc, data, num_samples=2, tokenizer=BertTokenizerFast(vocab))
+    >>> sorted(result), sorted(result["predictive"])
+    (['mean', 'predictive'], ['accuracy', 'brier', 'ece', 'nll'])
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from datasets import Dataset, DatasetDict
+
+from .calibration import calibration_metrics
+from .data import DataLike, load_data, tokenize_classification
+from .predictive import (
+    Predictive,
+    _batches,
+    _pad_id,
+    _tokenizer,
+    instruction_choices,
+    multiple_choice,
+)
+
+__all__ = ["evaluate", "evaluation_outputs"]
+
+
+def _evaluation_split(data: Any) -> Dataset:
+    data = load_data(data)
+    if isinstance(data, DatasetDict):
+        for split in ("test", "validation", "eval"):
+            if split in data:
+                return data[split]
+        raise ValueError(f"a DatasetDict to evaluate needs a test/validation/eval split, got {sorted(data)}")
+    return data
+
+
+def evaluation_outputs(
+    monteclora: Any,
+    dataset: DataLike,
+    num_samples: int = 8,
+    batch_size: int = 32,
+    seed: Optional[int] = 0,
+    tokenizer: Any = None,
+    vectorize: bool = True,
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Per-example outputs behind :func:`evaluate`: ``labels`` and, for ``"mean"`` and
+    ``"predictive"``, the :class:`~pyro_monteclora.predictive.Predictive` outputs (``probs``,
+    ``entropy``, ``expected_entropy``, ``mutual_information``) over the whole dataset."""
+    data = _evaluation_split(dataset)
+    if len(data) == 0:
+        raise ValueError("the evaluation dataset is empty")
+    tokenizer = _tokenizer(monteclora, tokenizer)
+    if monteclora.task == "classification":
+        config = monteclora.network.config
+        examples = tokenize_classification(
+            data, tokenizer, monteclora.config.max_length, config.num_labels, getattr(config, "label2id", None)
+        )
+        labels = torch.tensor([e["label"] for e in examples])
+        outputs = {}
+        for name, mode in (("mean", "mean"), ("predictive", "sample")):
+            predictive = Predictive(monteclora, num_samples, seed, mode, vectorize=vectorize)
+            parts = [predictive(b) for b in _batches(examples, _pad_id(tokenizer), batch_size)]
+            outputs[name] = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        return {"labels": labels, **outputs}
+    if "instruction" not in data.column_names:
+        raise ValueError(
+            "a causal LM is evaluated on multiple-choice instruction rows (instruction, output, answer); "
+            f"the dataset has columns {data.column_names}"
+        )
+    rows = list(data)
+    choices = [instruction_choices(row) for row in rows]
+    candidates = [c for c, _ in choices]
+    labels = torch.tensor([label for _, label in choices])
+    outputs = {}
+    for name, mode in (("mean", "mean"), ("predictive", "sample")):
+        result = multiple_choice(
+            monteclora, rows, candidates, num_samples, seed, mode, tokenizer, batch_size, vectorize=vectorize
+        )
+        outputs[name] = {k: v for k, v in result.items() if k != "sample_log_likelihood"}
+    return {"labels": labels, **outputs}
+
+
+def evaluate(
+    monteclora: Any,
+    dataset: DataLike,
+    num_samples: int = 8,
+    batch_size: int = 32,
+    num_bins: int = 15,
+    seed: Optional[int] = 0,
+    tokenizer: Any = None,
+) -> dict[str, dict[str, float]]:
+    """``{"mean": metrics, "predictive": metrics}`` with metrics ``accuracy``, ``nll``, ``brier``, ``ece``.
+
+    ``mean`` uses the mean adapter (plain LoRA), ``predictive`` the posterior predictive with
+    ``num_samples`` adapters drawn from the guide (the same S draws for every batch, seeded by
+    ``seed``; the caller's RNG is untouched). ``dataset``: a ``Dataset``, a ``DatasetDict``
+    (its ``test``/``validation`` split), a list of rows or a local file. A causal LM is
+    evaluated by multiple choice over each row's allowed answers (all rows need as many).
+    """
+    outputs = evaluation_outputs(monteclora, dataset, num_samples, batch_size, seed, tokenizer)
+    labels = outputs["labels"]
+    return {
+        name: calibration_metrics(outputs[name]["probs"], labels, num_bins) for name in ("mean", "predictive")
+    }

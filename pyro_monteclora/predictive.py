@@ -1,0 +1,470 @@
+"""Posterior predictive of a MonteCLoRA model: probabilities with their uncertainty split.
+
+``Predictive(monteclora, num_samples=S)`` is a thin layer in the spirit of
+``pyro.infer.Predictive``: it draws S adapters from the guide (one vectorized guide call under
+``pyro.plate("samples", S, dim=-2)``), runs the real network once on the batch repeated S times
+(sample-major; each block of rows reads its own noise) and averages the per-draw class
+*probabilities* (never the logits)::
+
+    probs               p(y | x) ≈ (1/S) sum_s p(y | x, A~_s)
+    entropy             H[p(y | x)]                       total (predictive) uncertainty
+    expected_entropy    (1/S) sum_s H[p(y | x, A~_s)]     aleatoric part
+    mutual_information  entropy - expected_entropy ≥ 0    epistemic part (disagreement of draws)
+
+For causal language models, :func:`sequence_log_likelihood` scores given completions and
+:func:`multiple_choice` turns the scores of candidate answers into a predictive distribution
+over the candidates with the same uncertainty outputs.
+
+Example:
+    >>> import torch
+    >>> from pyro_monteclora import MonteCLoRA
+    >>> from pyro_monteclora.testing import tiny_bert
+    >>> mc = MonteCLoRA.from_model(tiny_bert(), lora_r=4)
+    >>> batch = {"input_ids": torch.tensor([[1, 5, 2], [1, 7, 2]]), "attention_mask": torch.ones(2, 3, dtype=torch.long)}
+    >>> out = Predictive(mc, num_samples=4, seed=0)(batch)
+    >>> sorted(out)
+    ['entropy', 'expected_entropy', 'mutual_information', 'probs']
+    >>> out["probs"].shape, bool(torch.allclose(out["probs"].sum(-1), torch.ones(2)))
+    (torch.Size([2, 2]), True)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+
+import pyro
+import pyro.poutine as poutine
+import torch
+from torch import nn
+
+from .data import Collator, format_instruction
+from .layers import noise_context
+from .models.likelihood import IGNORE_INDEX
+from .models.model import NON_INPUT_KEYS
+from .models.prior import site_names
+
+__all__ = [
+    "Predictive",
+    "predict",
+    "predictive_summary",
+    "draw_latents",
+    "sequence_log_likelihood",
+    "multiple_choice",
+    "instruction_choices",
+    "MODES",
+]
+
+MODES = ("sample", "mean")
+
+
+# --- small private helpers -------------------------------------------------------------------
+
+
+def _device(module: nn.Module) -> torch.device:
+    try:
+        return next(module.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def _seeded(seed: Optional[int], device: torch.device) -> Iterator[None]:
+    """Run the block with ``torch.manual_seed(seed)`` and restore the caller's RNG state after.
+
+    With ``seed=None`` the block draws from (and advances) the global RNG, like ``pyro.infer.Predictive``.
+    """
+    if seed is None:
+        yield
+        return
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    """Every submodule in eval mode (no dropout) for the block; each one's own flag restored after."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def _inputs(batch: Mapping[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items() if k not in NON_INPUT_KEYS}
+
+
+def _repeat(inputs: Mapping[str, torch.Tensor], times: int) -> dict[str, torch.Tensor]:
+    """The batch repeated ``times`` times along dim 0, sample-major (``[batch, batch, ...]``)."""
+    return {k: v.repeat(times, *([1] * (v.dim() - 1))) for k, v in inputs.items()}
+
+
+def draw_latents(monteclora: Any, num_samples: int) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``num_samples`` draws of every group's latents from the guide in one vectorized call.
+
+    The guide runs under ``pyro.plate("samples", S, dim=-2)`` (its own layer plates use dim -1),
+    so each site gets a leading ``S`` dimension. Returns ``{group: (covariance_tril (S, layers,
+    r, r), weights (S, layers, N), components (S, layers, N, d, r))}``, the input of
+    ``monteclora.model.noise``. Hidden from any outer Pyro handler (``poutine.block``).
+    """
+    with torch.no_grad(), poutine.block(), pyro.plate("samples", num_samples, dim=-2):
+        trace = poutine.trace(monteclora.guide).get_trace(None)
+    latents = {}
+    for group in monteclora.groups:
+        names = site_names(group)
+        latents[group.name] = tuple(
+            trace.nodes[names[key]]["value"] for key in ("covariance", "weights", "components")
+        )
+    return latents
+
+
+def predictive_summary(sample_log_probs: torch.Tensor, return_samples: bool = False) -> dict[str, torch.Tensor]:
+    """Predictive probabilities and the entropy split from per-draw log-probabilities ``(S, ..., C)``.
+
+    ``probs`` is the mean of the per-draw probabilities (computed as a log-mean-exp);
+    ``mutual_information = entropy - expected_entropy`` (clamped at 0 against rounding).
+    Computed in float64, returned in float32 (float64 for float64 input).
+    """
+    out_dtype = torch.promote_types(sample_log_probs.dtype, torch.float32)
+    log_p = sample_log_probs.double()
+    draws = log_p.shape[0]
+    mean_log = torch.logsumexp(log_p, 0) - math.log(draws)
+    probs = mean_log.exp()
+    sample_probs = log_p.exp()
+    entropy = -torch.special.xlogy(probs, probs).sum(-1)
+    expected = -torch.special.xlogy(sample_probs, sample_probs).sum(-1).mean(0)
+    information = (entropy - expected).clamp_min(0.0) if draws > 1 else torch.zeros_like(entropy)
+    out = {
+        "probs": probs.to(out_dtype),
+        "entropy": entropy.to(out_dtype),
+        "expected_entropy": expected.to(out_dtype),
+        "mutual_information": information.to(out_dtype),
+    }
+    if return_samples:
+        out["sample_probs"] = sample_probs.to(out_dtype)
+    return out
+
+
+def _token_log_likelihood(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum over kept positions of ``log p(labels[t] | < t)``: ``(..., L, V)``, ``(..., L)`` -> ``(...)``."""
+    log_probs = torch.log_softmax(logits[..., :-1, :].float(), dim=-1)
+    targets = labels[..., 1:].expand(log_probs.shape[:-1])
+    keep = targets != IGNORE_INDEX
+    picked = log_probs.gather(-1, torch.where(keep, targets, torch.zeros_like(targets)).unsqueeze(-1)).squeeze(-1)
+    return (picked * keep).sum(-1)
+
+
+# --- the public layer --------------------------------------------------------------------------
+
+
+class Predictive(nn.Module):
+    """Posterior predictive of a :class:`~pyro_monteclora.MonteCLoRA` model, via its guide.
+
+    Args:
+        monteclora: the trained model (network, Pyro model and guide).
+        num_samples: S, adapters drawn from the guide per call; ``0`` means the mean adapter.
+        seed: seed of the draws. With a seed, every call draws the *same* S adapters (a fixed
+            ensemble, so results do not depend on how a dataset is batched) and the caller's
+            global RNG is left untouched (``torch.random.fork_rng``). ``None`` draws fresh
+            adapters from the global RNG at each call.
+        mode: ``"sample"`` (posterior predictive) or ``"mean"`` (deterministic mean adapter
+            ``E[A~] = A``; mutual information 0).
+        return_samples: also return ``sample_probs``, the ``(S, n, C)`` per-draw probabilities.
+        vectorize: one forward pass on the batch repeated S times (sample-major) with
+            ``(S, layers, r, d)`` noise; ``False`` loops S forward passes on the batch (less
+            memory). The draws are the same either way.
+
+    Calling it on a batch (``input_ids``, ``attention_mask``, ...; ``labels``/``index`` are
+    ignored) returns ``probs``, ``entropy``, ``expected_entropy`` and ``mutual_information``
+    per example (for a causal LM: per position, over the vocabulary). The network is in eval
+    mode during the call (no dropout) and gradients are off.
+    """
+
+    def __init__(
+        self,
+        monteclora: Any,
+        num_samples: int = 8,
+        seed: Optional[int] = None,
+        mode: str = "sample",
+        return_samples: bool = False,
+        vectorize: bool = True,
+    ) -> None:
+        super().__init__()
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 0:
+            raise ValueError(f"num_samples must be a non-negative integer, got {num_samples!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise ValueError(f"seed must be an integer or None, got {seed!r}")
+        self.monteclora = monteclora
+        self.num_samples = num_samples
+        self.seed = seed
+        self.mode = "mean" if num_samples == 0 else mode
+        self.return_samples = return_samples
+        self.vectorize = vectorize
+
+    @property
+    def draws(self) -> int:
+        """Number of adapters per prediction (1 for the mean adapter)."""
+        return 1 if self.mode == "mean" else self.num_samples
+
+    @torch.no_grad()
+    def sample_logits(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Per-draw logits ``(S, n, ...)`` (``S = 1`` for the mean adapter)."""
+        monteclora = self.monteclora
+        device = _device(monteclora)
+        inputs = _inputs(batch, device)
+        network = monteclora.network
+        with _eval_mode(monteclora):
+            if self.mode == "mean":
+                return network(**inputs).logits.unsqueeze(0)
+            with _seeded(self.seed, device):
+                noise = monteclora.model.noise(draw_latents(monteclora, self.num_samples))
+            if self.vectorize:
+                with noise_context(monteclora.groups, noise):
+                    logits = network(**_repeat(inputs, self.num_samples)).logits
+                return logits.reshape(self.num_samples, -1, *logits.shape[1:])
+            per_draw = []
+            for s in range(self.num_samples):
+                with noise_context(monteclora.groups, {name: value[s] for name, value in noise.items()}):
+                    per_draw.append(network(**inputs).logits)
+            return torch.stack(per_draw)
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        log_probs = torch.log_softmax(self.sample_logits(batch).float(), dim=-1)
+        return predictive_summary(log_probs, self.return_samples)
+
+    def sample_sequence_log_likelihood(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """Per-draw log-likelihood ``(S, n)`` of each sequence's kept ``labels`` (causal LM).
+
+        ``labels`` are aligned with ``input_ids``, ``IGNORE_INDEX`` on prompt and padding
+        positions (as in training); position ``t`` is predicted from the positions before it.
+        """
+        if "labels" not in batch:
+            raise ValueError("sequence log-likelihoods need batch['labels'] (IGNORE_INDEX on unscored positions)")
+        logits = self.sample_logits(batch)
+        return _token_log_likelihood(logits, batch["labels"].to(logits.device))
+
+    def sequence_log_likelihood(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``log_likelihood`` ``(n,)``: ``log (1/S) sum_s p(labels | inputs, A~_s)`` (a stable
+        logsumexp), and ``sample_log_likelihood`` ``(S, n)``, the per-draw terms."""
+        per_draw = self.sample_sequence_log_likelihood(batch).double()
+        log_likelihood = torch.logsumexp(per_draw, 0) - math.log(per_draw.shape[0])
+        return {"log_likelihood": log_likelihood.float(), "sample_log_likelihood": per_draw.float()}
+
+
+# --- whole datasets --------------------------------------------------------------------------
+
+
+def _tokenizer(monteclora: Any, tokenizer: Any) -> Any:
+    tokenizer = tokenizer or getattr(monteclora, "tokenizer", None)
+    if tokenizer is None:
+        raise ValueError("no tokenizer: pass tokenizer=... (or train the model with one)")
+    return tokenizer
+
+
+def _pad_id(tokenizer: Any) -> int:
+    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if value is not None:
+            return value
+    raise ValueError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
+
+
+def _classification_examples(monteclora: Any, data: Any, tokenizer: Any) -> list[dict]:
+    """Tokenized examples from strings, rows with ``text`` (and ``text_pair``) or tokenized rows."""
+    rows = list(data) if not isinstance(data, str) else [data]
+    if rows and all(isinstance(r, str) for r in rows):
+        rows = [{"text": r} for r in rows]
+    if rows and all(isinstance(r, Mapping) and "input_ids" in r for r in rows):
+        keys = ("input_ids", "attention_mask", "token_type_ids")
+        return [{k: list(r[k]) for k in keys if k in r} for r in rows]
+    if not rows or not all(isinstance(r, Mapping) and "text" in r for r in rows):
+        raise ValueError("predict() needs strings, rows with a 'text' column, or tokenized rows with 'input_ids'")
+    tokenizer = _tokenizer(monteclora, tokenizer)
+    pair = [r["text_pair"] for r in rows] if "text_pair" in rows[0] else None
+    encoded = tokenizer([r["text"] for r in rows], pair, truncation=True, max_length=monteclora.config.max_length)
+    keys = [k for k in encoded.keys() if k in ("input_ids", "attention_mask", "token_type_ids")]
+    return [{k: encoded[k][i] for k in keys} for i in range(len(rows))]
+
+
+def _batches(examples: list[dict], pad_id: int, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    collate = Collator(pad_id)
+    for start in range(0, len(examples), batch_size):
+        chunk = examples[start : start + batch_size]
+        yield collate(list(enumerate(chunk, start)))
+
+
+def predict(
+    monteclora: Any,
+    data: Any,
+    num_samples: int = 8,
+    batch_size: int = 32,
+    seed: Optional[int] = 0,
+    mode: str = "sample",
+    tokenizer: Any = None,
+    return_samples: bool = False,
+    vectorize: bool = True,
+) -> dict[str, torch.Tensor]:
+    """:class:`Predictive` outputs for a whole classification dataset, batch by batch.
+
+    ``data``: a list of strings, a ``datasets.Dataset`` / list of rows with ``text`` (and
+    optionally ``text_pair``) or already tokenized rows with ``input_ids``. Outputs are
+    concatenated over the dataset in order (``sample_probs`` along its second dimension).
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if monteclora.task != "classification":
+        raise ValueError("predict() is for classification models; use multiple_choice() or "
+                         "sequence_log_likelihood() for a causal LM")
+    examples = _classification_examples(monteclora, data, tokenizer)
+    pad = _pad_id(_tokenizer(monteclora, tokenizer)) if tokenizer or monteclora.tokenizer else 0
+    predictive = Predictive(monteclora, num_samples, seed, mode, return_samples, vectorize)
+    parts = [predictive(batch) for batch in _batches(examples, pad, batch_size)]
+    return {k: torch.cat([p[k] for p in parts], dim=1 if k == "sample_probs" else 0) for k in parts[0]}
+
+
+# --- causal LM: sequences and multiple choice ----------------------------------------------------
+
+
+def _prompt_text(prompt: Union[str, Mapping[str, Any]]) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, Mapping) and "instruction" in prompt:
+        return format_instruction(dict(prompt))
+    if isinstance(prompt, Mapping) and "prompt" in prompt:
+        return prompt["prompt"]
+    raise ValueError(f"a prompt must be a string or a row with 'instruction' (or 'prompt'), got {prompt!r}")
+
+
+def _scored_examples(tokenizer: Any, prompts: Sequence[str], completions: Sequence[str], append_eos: bool) -> list[dict]:
+    """``input_ids`` = prompt + completion (+ eos), ``labels`` = IGNORE on the prompt: as in training."""
+    prompt_ids = tokenizer(list(prompts))["input_ids"]
+    target_ids = tokenizer(list(completions), add_special_tokens=False)["input_ids"]
+    eos = [tokenizer.eos_token_id] if append_eos and tokenizer.eos_token_id is not None else []
+    examples = []
+    for prompt, target in zip(prompt_ids, target_ids):
+        ids = prompt + target + eos
+        if not target + eos:
+            raise ValueError("an empty completion (and no eos token) has nothing to score")
+        examples.append(
+            {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [IGNORE_INDEX] * len(prompt) + target + eos}
+        )
+    return examples
+
+
+def _causal_lm(monteclora: Any) -> None:
+    if monteclora.task != "causal_lm":
+        raise ValueError(f"this needs a causal LM MonteCLoRA model, got task={monteclora.task!r}")
+
+
+def _sample_scores(predictive: Predictive, examples: list[dict], pad_id: int, batch_size: int) -> torch.Tensor:
+    parts = [predictive.sample_sequence_log_likelihood(b) for b in _batches(examples, pad_id, batch_size)]
+    return torch.cat(parts, dim=1)
+
+
+def sequence_log_likelihood(
+    monteclora: Any,
+    prompts: Sequence[Union[str, Mapping[str, Any]]],
+    completions: Sequence[str],
+    num_samples: int = 8,
+    seed: Optional[int] = 0,
+    mode: str = "sample",
+    tokenizer: Any = None,
+    batch_size: int = 16,
+    append_eos: bool = True,
+    vectorize: bool = True,
+) -> torch.Tensor:
+    """Log-likelihood ``(n,)`` of each completion given its prompt under the posterior predictive.
+
+    ``log p(c | x) = log (1/S) sum_s p(c | x, A~_s)``, computed with a logsumexp over the S
+    draws. The completion's tokens (plus eos when ``append_eos``, as in training) are scored.
+    Prompts are strings or instruction rows (formatted by :func:`pyro_monteclora.data.format_instruction`).
+    """
+    _causal_lm(monteclora)
+    if len(prompts) != len(completions):
+        raise ValueError(f"got {len(prompts)} prompts but {len(completions)} completions")
+    tokenizer = _tokenizer(monteclora, tokenizer)
+    examples = _scored_examples(tokenizer, [_prompt_text(p) for p in prompts], completions, append_eos)
+    predictive = Predictive(monteclora, num_samples, seed, mode, vectorize=vectorize)
+    per_draw = _sample_scores(predictive, examples, _pad_id(tokenizer), batch_size).double()
+    return (torch.logsumexp(per_draw, 0) - math.log(per_draw.shape[0])).float()
+
+
+def multiple_choice(
+    monteclora: Any,
+    prompts: Sequence[Union[str, Mapping[str, Any]]],
+    candidates: Sequence[Any],
+    num_samples: int = 8,
+    seed: Optional[int] = 0,
+    mode: str = "sample",
+    tokenizer: Any = None,
+    batch_size: int = 16,
+    append_eos: bool = True,
+    return_samples: bool = False,
+    vectorize: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Predictive distribution over K candidate completions per prompt.
+
+    Per draw s, the candidates' sequence log-likelihoods ``log p(c_k | x, A~_s)`` are
+    normalized over the K candidates (a softmax); the predictive ``probs`` ``(n, K)`` average
+    these per-draw distributions, with ``entropy``, ``expected_entropy``,
+    ``mutual_information`` as in :class:`Predictive` and ``sample_log_likelihood`` ``(S, n, K)``.
+
+    ``candidates``: one list of K completions shared by every prompt, or one list per prompt
+    (all of length K). For the instruction data (``"the correct answer is true"``), see
+    :func:`instruction_choices`.
+    """
+    _causal_lm(monteclora)
+    n = len(prompts)
+    if n == 0:
+        raise ValueError("multiple_choice needs at least one prompt")
+    if candidates and all(isinstance(c, str) for c in candidates):
+        per_prompt = [list(candidates)] * n
+    else:
+        per_prompt = [list(c) for c in candidates]
+    if len(per_prompt) != n:
+        raise ValueError(f"got {n} prompts but {len(per_prompt)} candidate lists")
+    k = len(per_prompt[0])
+    if k < 2 or any(len(c) != k for c in per_prompt):
+        raise ValueError(f"every prompt needs the same number (>= 2) of candidates, got {sorted({len(c) for c in per_prompt})}")
+    tokenizer = _tokenizer(monteclora, tokenizer)
+    texts = [_prompt_text(p) for p in prompts]
+    examples = _scored_examples(
+        tokenizer, [t for t in texts for _ in range(k)], [c for cands in per_prompt for c in cands], append_eos
+    )
+    predictive = Predictive(monteclora, num_samples, seed, mode, vectorize=vectorize)
+    scores = _sample_scores(predictive, examples, _pad_id(tokenizer), batch_size)  # (S, n * K)
+    scores = scores.reshape(scores.shape[0], n, k)
+    out = predictive_summary(torch.log_softmax(scores.double(), dim=-1), return_samples)
+    out["sample_log_likelihood"] = scores
+    return out
+
+
+ANSWER_FORMAT = re.compile(r"Answer format:\s*([^\s]+)")
+
+
+def instruction_choices(row: Mapping[str, Any]) -> tuple[list[str], int]:
+    """Candidate completions and the index of the right one for an instruction row.
+
+    The rows of the commonsense sets end their instruction with ``Answer format: a/b/...`` and
+    have ``output = "the correct answer is <answer>"``; the candidates are that output with
+    each allowed answer in place of the true one.
+    """
+    match = ANSWER_FORMAT.search(row.get("instruction", ""))
+    if match is None or "answer" not in row or "output" not in row:
+        raise ValueError("an instruction row needs 'Answer format: a/b/...' in its instruction, and 'output' and 'answer'")
+    choices = match.group(1).split("/")
+    answer, output = str(row["answer"]), str(row["output"])
+    if answer not in choices:
+        raise ValueError(f"answer {answer!r} is not among the allowed answers {choices}")
+    if not output.endswith(answer):
+        raise ValueError(f"output {output!r} does not end with the answer {answer!r}")
+    prefix = output[: len(output) - len(answer)]
+    return [prefix + c for c in choices], choices.index(answer)
