@@ -76,7 +76,8 @@ def calibration_bins(probs: torch.Tensor, labels: torch.Tensor, num_bins: int = 
     """Equal-width bins on the confidence ``max_c probs[i, c]``.
 
     Bin ``b`` holds confidences in ``(b / B, (b + 1) / B]`` (a confidence of exactly 0 goes to the
-    first bin). Returns ``count``, ``accuracy`` and ``confidence`` per bin (``(B,)`` tensors; the
+    first bin); edges are compared in float64, so a float32 confidence that prints as an edge
+    may fall on either side of it. Returns ``count``, ``accuracy`` and ``confidence`` per bin (``(B,)`` tensors; the
     mean accuracy and confidence of an empty bin are 0) and the bin ``edges`` ``(B + 1,)``.
     """
     if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 1:
@@ -84,7 +85,8 @@ def calibration_bins(probs: torch.Tensor, labels: torch.Tensor, num_bins: int = 
     probs, labels = _check(probs, labels)
     confidence, predicted = probs.max(-1)
     correct = (predicted == labels).double()
-    index = (torch.ceil(confidence * num_bins).long() - 1).clamp(0, num_bins - 1)
+    edges = torch.arange(num_bins + 1, dtype=torch.float64) / num_bins
+    index = torch.bucketize(confidence, edges[1:-1], right=False)
     count = torch.zeros(num_bins, dtype=torch.float64).index_add_(0, index, torch.ones_like(confidence))
     hits = torch.zeros(num_bins, dtype=torch.float64).index_add_(0, index, correct)
     confidences = torch.zeros(num_bins, dtype=torch.float64).index_add_(0, index, confidence)
@@ -93,7 +95,7 @@ def calibration_bins(probs: torch.Tensor, labels: torch.Tensor, num_bins: int = 
         "count": count,
         "accuracy": hits / safe,
         "confidence": confidences / safe,
-        "edges": torch.linspace(0.0, 1.0, num_bins + 1, dtype=torch.float64),
+        "edges": edges,
     }
 
 

@@ -2,6 +2,7 @@
 
 - :func:`render_model`: ``pyro.render_model`` of the model (and guide) on a tiny batch when
   the ``graphviz`` package is installed, else the text of :func:`render_model_text`.
+- :func:`model_relations`: the sites, plates and dependencies of that picture (no graphviz needed).
 - :func:`render_model_text`: plates and sample sites of model and guide with their
   distributions and shapes, as plain text (no dependency).
 - :func:`summary`: per layer group, the posterior of the mixture weights and of the covariance,
@@ -25,6 +26,8 @@ from typing import Any, Optional
 
 import pyro
 import pyro.poutine as poutine
+from pyro.contrib.autoname import scope
+from pyro.infer.inspect import get_model_relations
 from pyro.poutine.util import site_is_subsample
 import torch
 
@@ -32,7 +35,7 @@ from .layers import StochasticLoraA
 from .models.prior import site_names
 from .predictive import _seeded, draw_latents
 
-__all__ = ["render_model", "render_model_text", "summary", "format_summary", "tiny_batch"]
+__all__ = ["render_model", "render_model_text", "model_relations", "summary", "format_summary", "tiny_batch"]
 
 
 def tiny_batch(monteclora: Any) -> dict[str, torch.Tensor]:
@@ -132,13 +135,31 @@ def render_model_text(monteclora: Any, batch: Optional[dict] = None, dataset_siz
     return "\n".join(lines)
 
 
-def render_model(monteclora: Any, filename: Optional[str] = None, batch: Optional[dict] = None) -> Any:
-    """A picture of the model when ``graphviz`` is importable, else :func:`render_model_text`.
+def _model_and_guide(monteclora: Any):
+    """One program running the guide (sites renamed ``guide/<site>``) and then the model."""
 
-    With graphviz: ``pyro.render_model`` of the model on a tiny batch, with the guide's site
-    names and distributions appended as a cluster (a ``graphviz.Digraph``; saved to
-    ``filename`` when given, format from its extension). Without graphviz: the text, also
-    written to ``filename`` when given.
+    def model_and_guide(batch: dict, dataset_size: Optional[int] = None) -> torch.Tensor:
+        scope(monteclora.guide, prefix="guide")(batch, dataset_size)
+        return monteclora.model(batch, dataset_size)
+
+    return model_and_guide
+
+
+def model_relations(monteclora: Any, batch: Optional[dict] = None) -> dict:
+    """``pyro.infer.inspect.get_model_relations`` of model + guide (guide sites ``guide/<site>``):
+    the sites, their distributions, plates and dependencies that :func:`render_model` draws."""
+    batch = tiny_batch(monteclora) if batch is None else batch
+    with torch.no_grad():
+        return get_model_relations(_model_and_guide(monteclora), model_args=(batch,))
+
+
+def render_model(monteclora: Any, filename: Optional[str] = None, batch: Optional[dict] = None) -> Any:
+    """A picture of model and guide when ``graphviz`` is importable, else :func:`render_model_text`.
+
+    With graphviz: ``pyro.render_model`` of one program running the guide (its sites named
+    ``guide/<site>``) and the model on a tiny batch, with distributions; a
+    ``graphviz.Digraph``, also saved to ``filename`` when given (format from its extension).
+    Without graphviz: the text, also written to ``filename`` when given.
     """
     try:
         import graphviz  # noqa: F401
@@ -150,19 +171,9 @@ def render_model(monteclora: Any, filename: Optional[str] = None, batch: Optiona
         return text
     batch = tiny_batch(monteclora) if batch is None else batch
     with torch.no_grad():
-        graph = pyro.render_model(
-            monteclora.model, model_args=(batch,), render_distributions=True, render_params=False
+        return pyro.render_model(
+            _model_and_guide(monteclora), model_args=(batch,), filename=filename, render_distributions=True
         )
-        guide_graph = pyro.render_model(monteclora.guide, model_args=(batch,), render_distributions=True)
-    guide_graph.name = "cluster_guide"
-    guide_graph.graph_attr["label"] = "guide q"
-    # guide node names equal model node names: rename them so the clusters stay separate
-    guide_graph.body = [line.replace('"', '"q:', 1) if "->" not in line else line for line in guide_graph.body]
-    graph.subgraph(guide_graph)
-    if filename is not None:
-        stem, extension = os.path.splitext(filename)
-        graph.render(stem, format=extension.lstrip(".") or "pdf", cleanup=True)
-    return graph
 
 
 @torch.no_grad()

@@ -442,7 +442,7 @@ def multiple_choice(
     predictive = Predictive(monteclora, num_samples, seed, mode, vectorize=vectorize)
     scores = _sample_scores(predictive, examples, _pad_id(tokenizer), batch_size)  # (S, n * K)
     scores = scores.reshape(scores.shape[0], n, k)
-    out = predictive_summary(torch.log_softmax(scores.double(), dim=-1), return_samples)
+    out = predictive_summary(torch.log_softmax(scores, dim=-1), return_samples)
     out["sample_log_likelihood"] = scores
     return out
 
