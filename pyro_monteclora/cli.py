@@ -1,0 +1,493 @@
+"""``pyro-monteclora``: train, evaluate, predict with, merge, convert and inspect MonteCLoRA adapters.
+
+Flags are spelled as in common fine-tuning tools (``--model``, ``--data``, ``--lora-r``,
+``--lr``, ``--epochs``, ...). The training flags, their defaults and their help come from the
+fields of :class:`~pyro_monteclora.MonteCLoRAConfig` (the one home of defaults); the defaults
+of ``evaluate``/``predict``/``inspect`` come from the signatures of the functions they call.
+Errors are one line on stderr and a non-zero exit code (set ``PYRO_MONTECLORA_DEBUG=1`` for the
+traceback).
+
+Example:
+    $ pyro-monteclora train --data train.jsonl --output-dir out --lora-r 8 --epochs 2
+    $ pyro-monteclora evaluate --adapter-path out --data test.jsonl
+    $ pyro-monteclora merge --base-model-path base --adapter-path out/adapter --output-folder merged
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import os
+import sys
+import typing
+import warnings
+from typing import Any, Callable, Optional, Sequence
+
+from .config import QUANTIZATIONS, SCHEDULERS, TASKS, MonteCLoRAConfig
+
+__all__ = ["main", "build_parser"]
+
+#: Config fields whose flag differs from ``--field-name`` (names of common fine-tuning tools).
+FLAG_NAMES = {
+    "num_epochs": ("--epochs", "--num-epochs"),
+    "learning_rate": ("--lr", "--learning-rate"),
+}
+CHOICES = {"task": TASKS, "lr_scheduler": SCHEDULERS, "quantization": tuple(q for q in QUANTIZATIONS if q) + ("none",)}
+#: Fields the CLI sets itself rather than through a flag.
+NOT_FLAGS = ("output_dir",)
+
+_SECRETS: list[str] = []
+
+
+# --- argument parsing ----------------------------------------------------------------------------
+
+
+def _none_or(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        return None if text.lower() == "none" else kind(text)
+
+    parse.__name__ = getattr(kind, "__name__", "value")
+    return parse
+
+
+def _flags(name: str) -> tuple[str, ...]:
+    return FLAG_NAMES.get(name, ("--" + name.replace("_", "-"),))
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    hints = typing.get_type_hints(MonteCLoRAConfig)
+    lora = parser.add_argument_group("LoRA")
+    monte = parser.add_argument_group("MonteCLoRA")
+    training = parser.add_argument_group("training")
+    section = lora
+    for f in dataclasses.fields(MonteCLoRAConfig):
+        if f.name in NOT_FLAGS:
+            continue
+        if f.name == "num_components":
+            section = monte
+        elif f.name == "learning_rate":
+            section = training
+        hint = hints[f.name]
+        args = typing.get_args(hint)
+        optional = type(None) in args
+        inner = [a for a in args if a is not type(None)]
+        help_text = f.metadata.get("help", "")
+        if "default" not in help_text:
+            help_text += f" (default: {f.default if isinstance(f.default, bool) or f.default is None else json.dumps(f.default)})"
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        if hint is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif any(typing.get_origin(a) is list for a in inner):
+            kwargs.update(nargs="+", metavar="NAME")
+        else:
+            kind = (inner[0] if inner else hint) if (optional or inner) else hint
+            kwargs["type"] = _none_or(kind) if optional else kind
+            if f.name in CHOICES:
+                kwargs["choices"] = CHOICES[f.name] if optional else tuple(c for c in CHOICES[f.name] if c != "none")
+                kwargs["type"] = str
+        section.add_argument(*_flags(f.name), **kwargs)
+
+
+def _config_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    values = {}
+    for f in dataclasses.fields(MonteCLoRAConfig):
+        if f.name in NOT_FLAGS or not hasattr(args, f.name):
+            continue
+        value = getattr(args, f.name)
+        if f.name == "quantization" and value == "none":
+            value = None
+        if f.name == "target_modules" and isinstance(value, list) and len(value) == 1:
+            value = value[0]
+        if f.name == "lora_alpha" and float(value).is_integer():
+            value = int(value)
+        values[f.name] = value
+    return values
+
+
+def _defaults_of(function: Callable[..., Any]) -> dict[str, Any]:
+    return {
+        name: p.default
+        for name, p in inspect.signature(function).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+
+
+def _add_loaded_model_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--adapter-path", required=True, help="A folder written by `pyro-monteclora train` (merged or adapter-only)."
+    )
+    parser.add_argument(
+        "--base-model",
+        default=None,
+        help="Base model folder or hub id the adapter was trained on (default: the one recorded in the adapter).",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``pyro-monteclora`` argument parser with all subcommands."""
+    from .evaluation import evaluate
+    from .inspection import summary
+    from .predictive import predict
+
+    parser = argparse.ArgumentParser(
+        prog="pyro-monteclora",
+        description="MonteCLoRA: Bayesian LoRA fine-tuning of Hugging Face models, as a Pyro model and guide.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser(
+        "train",
+        help="Fine-tune a model with a MonteCLoRA adapter and save it.",
+        description="Fine-tune a model with a MonteCLoRA adapter by SVI and save the result (merged by default).",
+    )
+    train.add_argument(
+        "--model",
+        default=None,
+        help="Base model folder or hub id (default: the packaged offline all-MiniLM-L6-v2).",
+    )
+    train.add_argument(
+        "--data",
+        required=True,
+        help="Training data: a local .json/.jsonl/.csv file, a folder (train/validation/test files or a "
+        "datasets.save_to_disk folder) or a hub dataset id.",
+    )
+    train.add_argument("--eval-data", default=None, help="Evaluation data (default: the data's validation/test split).")
+    train.add_argument("--output-dir", required=True, help="Folder to save the result in.")
+    train.add_argument("--overwrite", action="store_true", help="Replace a non-empty output folder (default: refuse).")
+    train.add_argument("--num-labels", type=int, default=None, help="Classes (default: from the data's labels).")
+    _add_config_flags(train)
+
+    defaults = _defaults_of(evaluate)
+    evaluation = commands.add_parser(
+        "evaluate",
+        help="Accuracy, NLL, Brier score and ECE of the mean adapter and of the posterior predictive.",
+        description="Evaluate a saved adapter: mean adapter and posterior predictive; prints JSON.",
+    )
+    _add_loaded_model_flags(evaluation)
+    evaluation.add_argument("--data", required=True, help="Evaluation data (file, folder or hub id).")
+    evaluation.add_argument(
+        "--num-samples", type=int, default=defaults["num_samples"],
+        help=f"Adapters drawn from the posterior (default: {defaults['num_samples']}).",
+    )
+    evaluation.add_argument(
+        "--batch-size", type=int, default=defaults["batch_size"], help=f"Examples per batch (default: {defaults['batch_size']})."
+    )
+    evaluation.add_argument("--seed", type=int, default=defaults["seed"], help=f"Seed of the draws (default: {defaults['seed']}).")
+    evaluation.add_argument("--output", default=None, help="Also write the metrics to this JSON file (default: none).")
+
+    defaults = _defaults_of(predict)
+    prediction = commands.add_parser(
+        "predict",
+        help="Posterior predictive probabilities and uncertainty for texts.",
+        description="Predict with a saved classification adapter; prints one JSON line per text.",
+    )
+    _add_loaded_model_flags(prediction)
+    prediction.add_argument("--text", action="append", default=None, help="A text to classify (repeatable).")
+    prediction.add_argument("--data", default=None, help="A file or folder with a `text` column (instead of --text).")
+    prediction.add_argument(
+        "--num-samples", type=int, default=defaults["num_samples"],
+        help=f"Adapters drawn from the posterior; 0 uses the mean adapter (default: {defaults['num_samples']}).",
+    )
+    prediction.add_argument(
+        "--batch-size", type=int, default=defaults["batch_size"], help=f"Examples per batch (default: {defaults['batch_size']})."
+    )
+    prediction.add_argument("--seed", type=int, default=defaults["seed"], help=f"Seed of the draws (default: {defaults['seed']}).")
+
+    merge = commands.add_parser(
+        "merge",
+        help="Merge an adapter's mean into its base model (plain transformers model).",
+        description="Merge the mean adapter into the base model and save it (safetensors + tokenizer) or push it.",
+    )
+    merge.add_argument("--base-model-path", required=True, help="Base model folder or hub id.")
+    merge.add_argument("--adapter-path", required=True, help="A pyro-monteclora adapter or output folder.")
+    target = merge.add_mutually_exclusive_group(required=True)
+    target.add_argument("--output-folder", default=None, help="Folder to save the merged model in.")
+    target.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="Hub repository to upload the merged model to.")
+    merge.add_argument(
+        "--token", default=None,
+        help="Hub token for --push-to-hub (default: $HF_TOKEN or the saved login). Never printed.",
+    )
+    merge.add_argument(
+        "--pad-to-multiple-of", type=int, default=None,
+        help="Resize the token embeddings to a multiple of N when the tokenizer has more tokens than the base (default: no resize).",
+    )
+    merge.add_argument("--overwrite", action="store_true", help="Replace a non-empty output folder (default: refuse).")
+
+    kohya = commands.add_parser(
+        "convert-kohya",
+        help="Export the mean LoRA adapter as one Kohya-format safetensors file.",
+        description="Export lora_down/lora_up/alpha tensors, alpha = the trained lora_alpha (scale alpha/r kept).",
+    )
+    kohya.add_argument("--adapter-path", required=True, help="A peft or pyro-monteclora adapter folder.")
+    kohya.add_argument("--output", required=True, help="The .safetensors file to write.")
+    kohya.add_argument(
+        "--lora-only", action="store_true",
+        help="Leave out fully trained modules such as the classifier (default: keep them under their peft keys).",
+    )
+
+    defaults = _defaults_of(summary)
+    inspection = commands.add_parser(
+        "inspect",
+        help="Show the Pyro model's sites and what the variational posterior learned.",
+        description="Print the settings, the Pyro model and guide sites, and a per-group summary of the posterior.",
+    )
+    _add_loaded_model_flags(inspection)
+    inspection.add_argument(
+        "--num-samples", type=int, default=defaults["num_samples"],
+        help=f"Guide draws for the noise-share estimate (default: {defaults['num_samples']}).",
+    )
+    return parser
+
+
+# --- data and models -----------------------------------------------------------------------------
+
+
+DATA_EXTENSIONS = (".jsonl", ".json", ".csv")
+
+
+def load_data_arg(spec: str) -> Any:
+    """A ``Dataset``/``DatasetDict`` from a file, a folder or (where the network works) a hub id."""
+    from datasets import DatasetDict, load_dataset, load_from_disk
+
+    from .data import load_data
+
+    if os.path.isfile(spec):
+        return load_data(spec)
+    if os.path.isdir(spec):
+        if os.path.isfile(os.path.join(spec, "dataset_dict.json")) or os.path.isfile(os.path.join(spec, "state.json")):
+            return load_from_disk(spec)
+        splits = {}
+        for split in ("train", "validation", "test", "eval"):
+            for extension in DATA_EXTENSIONS:
+                path = os.path.join(spec, split + extension)
+                if os.path.isfile(path):
+                    splits[split] = load_data(path)
+                    break
+        if not splits:
+            raise FileNotFoundError(
+                f"no data in folder {spec!r}: expected train/validation/test .jsonl/.json/.csv files "
+                "or a datasets.save_to_disk folder"
+            )
+        return DatasetDict(splits)
+    if os.path.sep in spec or spec.endswith(DATA_EXTENSIONS):
+        raise FileNotFoundError(f"data {spec!r} does not exist")
+    return load_dataset(spec)
+
+
+def _labels(data: Any) -> tuple[Optional[int], Optional[dict[int, str]]]:
+    from datasets import DatasetDict
+
+    split = data["train"] if isinstance(data, DatasetDict) and "train" in data else data
+    if isinstance(split, DatasetDict):
+        split = next(iter(split.values()))
+    if "label" not in split.column_names:
+        return None, None
+    feature = split.features["label"]
+    if getattr(feature, "names", None):
+        return len(feature.names), dict(enumerate(feature.names))
+    values = set(split["label"])
+    if all(isinstance(v, str) for v in values):
+        names = sorted(values)
+        return len(names), dict(enumerate(names))
+    return max(2, int(max(values)) + 1), None
+
+
+def _tokenizer(path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, local_files_only=os.path.isdir(path))
+
+
+def _base_model_path(args: argparse.Namespace) -> str:
+    from .io import read_metadata
+
+    if args.base_model:
+        return args.base_model
+    recorded = read_metadata(args.adapter_path).get("base_model_name_or_path")
+    if not recorded:
+        raise ValueError("the adapter does not record its base model: pass --base-model")
+    return recorded
+
+
+def _load_monteclora(args: argparse.Namespace) -> Any:
+    from .io import load
+
+    return load(_base_model_path(args), args.adapter_path)
+
+
+# --- subcommands ---------------------------------------------------------------------------------
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .config import MonteCLoRAConfig
+    from .examples import minilm_path
+    from .io import _check_target, save_result
+    from .quantization import load_base_model
+    from .train import train
+
+    config = MonteCLoRAConfig().replace(**_config_overrides(args))
+    _check_target(os.path.abspath(args.output_dir), args.overwrite)  # fail before training, not after
+    model_path = args.model or minilm_path()
+    data = load_data_arg(args.data)
+    eval_data = load_data_arg(args.eval_data) if args.eval_data else None
+    task = config.task
+    if task == "auto":
+        from .quantization import _task_of_folder
+
+        task = _task_of_folder(model_path) if os.path.isdir(model_path) else "classification"
+    num_labels, id2label = (args.num_labels, None)
+    if task == "classification" and num_labels is None:
+        num_labels, id2label = _labels(data)
+    tokenizer = _tokenizer(model_path)
+    base = load_base_model(
+        model_path, task, config.quantization, num_labels=num_labels, id2label=id2label, exclude=config.modules_to_save
+    )
+    result = train(base, data, config.replace(task=task, output_dir=None), tokenizer=tokenizer, eval_dataset=eval_data)
+    result.config = result.config.replace(output_dir=os.path.abspath(args.output_dir))
+    folder = save_result(result, args.output_dir, overwrite=args.overwrite)
+    from .io import final_metrics
+
+    print(json.dumps({"output_dir": folder, "merged": config.merge_adapter, "metrics": final_metrics(result)}, sort_keys=True))
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .evaluation import evaluate
+
+    monteclora = _load_monteclora(args)
+    metrics = evaluate(
+        monteclora, load_data_arg(args.data), num_samples=args.num_samples, batch_size=args.batch_size, seed=args.seed
+    )
+    text = json.dumps(metrics, sort_keys=True, indent=2)
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as handle:
+            handle.write(text + "\n")
+    print(text)
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from .predictive import predict
+
+    if (args.text is None) == (args.data is None):
+        raise ValueError("give texts with --text (repeatable) or a file with --data, not both")
+    monteclora = _load_monteclora(args)
+    if args.text is not None:
+        texts = list(args.text)
+    else:
+        data = load_data_arg(args.data)
+        from datasets import DatasetDict
+
+        if isinstance(data, DatasetDict):
+            data = data["test"] if "test" in data else next(iter(data.values()))
+        texts = list(data["text"])
+    outputs = predict(monteclora, texts, num_samples=args.num_samples, batch_size=args.batch_size, seed=args.seed)
+    id2label = getattr(monteclora.network.config, "id2label", {}) or {}
+    for i, text in enumerate(texts):
+        probs = outputs["probs"][i]
+        label = int(probs.argmax())
+        row = {
+            "text": text,
+            "label": id2label.get(label, label),
+            "probs": [round(float(p), 6) for p in probs],
+            **{k: round(float(outputs[k][i]), 6) for k in ("entropy", "expected_entropy", "mutual_information") if k in outputs},
+        }
+        print(json.dumps(row))
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from .merge import merge
+
+    token = args.token or os.environ.get("HF_TOKEN")
+    if token:
+        _SECRETS.append(token)
+    where = merge(
+        args.base_model_path,
+        args.adapter_path,
+        args.output_folder,
+        args.push_to_hub,
+        token=token,
+        pad_to_multiple_of=args.pad_to_multiple_of,
+        overwrite=args.overwrite,
+    )
+    print(json.dumps({"merged": where}))
+    return 0
+
+
+def _convert_kohya(args: argparse.Namespace) -> int:
+    from .kohya import peft_to_kohya
+
+    print(json.dumps({"kohya": peft_to_kohya(args.adapter_path, args.output, include_modules_to_save=not args.lora_only)}))
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .inspection import format_summary, render_model_text, summary
+    from .io import read_metadata
+
+    meta = read_metadata(args.adapter_path)
+    monteclora = _load_monteclora(args)
+    print(f"pyro-monteclora {meta.get('pyro_monteclora_version')} adapter on {meta.get('base_model_name_or_path')}")
+    print(render_model_text(monteclora))
+    print()
+    print(format_summary(summary(monteclora, num_samples=args.num_samples)))
+    if meta.get("metrics"):
+        print()
+        print("final metrics: " + json.dumps(meta["metrics"], sort_keys=True))
+    return 0
+
+
+COMMANDS = {
+    "train": _train,
+    "evaluate": _evaluate,
+    "predict": _predict,
+    "merge": _merge,
+    "convert-kohya": _convert_kohya,
+    "inspect": _inspect,
+}
+
+
+def _scrub(text: str) -> str:
+    for secret in _SECRETS:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
+
+
+def _format_warning(message: Any, category: type, filename: str, lineno: int, line: Optional[str] = None) -> str:
+    return f"warning: {_scrub(str(message))}\n"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``pyro-monteclora`` console script; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for i, value in enumerate(argv):  # keep a token given on the command line out of any output
+        if value == "--token" and i + 1 < len(argv):
+            _SECRETS.append(argv[i + 1])
+        elif value.startswith("--token="):
+            _SECRETS.append(value.split("=", 1)[1])
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.formatwarning = _format_warning
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+    args = build_parser().parse_args(argv)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("pyro-monteclora: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # one clear line, not a traceback
+        if os.environ.get("PYRO_MONTECLORA_DEBUG"):
+            raise
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"pyro-monteclora {args.command}: error: {_scrub(message)}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
