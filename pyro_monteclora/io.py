@@ -375,8 +375,9 @@ def load(
     """Restore the full Bayesian adapter saved in ``folder`` on ``base_model``.
 
     Args:
-        base_model: the base transformers model (modified in place by peft), or its path or hub
-            id (loaded from safetensors, quantized as in training).
+        base_model: the base transformers model (modified in place by peft; used as given,
+            quantized or not), or its path or hub id (loaded from safetensors and quantized as in
+            training).
         folder: an adapter folder or a merged output (its ``adapter/`` subfolder is used).
         tokenizer: the tokenizer; by default the one saved in the folder, if any.
         device: where to put the model (default: where the base model is).
@@ -409,7 +410,9 @@ def load(
             exclude=config.modules_to_save,
         )
     with torch.random.fork_rng():  # LoRA's random init must not move the caller's RNG
-        monteclora = MonteCLoRA.from_model(base_model, config, tokenizer=tokenizer)
+        # A base model object is used as given (quantized or not): quantization=None here.
+        monteclora = MonteCLoRA.from_model(base_model, config.replace(quantization=None), tokenizer=tokenizer)
+    monteclora.config = config
     saved_groups = [(g["name"], tuple(g["module_names"])) for g in meta["groups"]]
     built_groups = [(g.name, g.module_names) for g in monteclora.groups]
     if saved_groups != built_groups:
