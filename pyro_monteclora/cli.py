@@ -184,8 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Predict with a saved classification adapter; prints one JSON line per text.",
     )
     _add_loaded_model_flags(prediction)
-    prediction.add_argument("--text", action="append", default=None, help="A text to classify (repeatable).")
-    prediction.add_argument("--data", default=None, help="A file or folder with a `text` column (instead of --text).")
+    prediction.add_argument("--text", action="append", default=None, help="A text to classify (repeatable; default: none, use --data).")
+    prediction.add_argument("--data", default=None, help="A file or folder with a `text` column (default: none, use --text).")
     prediction.add_argument(
         "--num-samples", type=int, default=defaults["num_samples"],
         help=f"Adapters drawn from the posterior; 0 uses the mean adapter (default: {defaults['num_samples']}).",
@@ -203,8 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("--base-model-path", required=True, help="Base model folder or hub id.")
     merge.add_argument("--adapter-path", required=True, help="A pyro-monteclora adapter or output folder.")
     target = merge.add_mutually_exclusive_group(required=True)
-    target.add_argument("--output-folder", default=None, help="Folder to save the merged model in.")
-    target.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="Hub repository to upload the merged model to.")
+    target.add_argument("--output-folder", default=None, help="Folder to save the merged model in (default: none; this or --push-to-hub is required).")
+    target.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="Hub repository to upload the merged model to (default: none; this or --output-folder is required).")
     merge.add_argument(
         "--token", default=None,
         help="Hub token for --push-to-hub (default: $HF_TOKEN or the saved login). Never printed.",

@@ -1,0 +1,188 @@
+"""The ``pyro-monteclora`` console script, driven through its real entry point on a tiny model."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from pyro_monteclora import MonteCLoRAConfig
+from pyro_monteclora.cli import _config_overrides, build_parser
+from pyro_monteclora.testing import TOY_WORDS, tiny_bert, toy_sentiment
+
+SCRIPT = os.path.join(os.path.dirname(sys.executable), "pyro-monteclora")
+COMMAND = [SCRIPT] if os.path.isfile(SCRIPT) else [sys.executable, "-m", "pyro_monteclora.cli"]
+SECRET = "hf_ThisIsNotARealTokenButMustNeverBePrinted"
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    env.pop("HF_TOKEN", None)
+    return env
+
+
+def _start(*args, cwd):
+    return subprocess.Popen(
+        COMMAND + list(args), cwd=cwd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _finish(process, timeout=120):
+    out, err = process.communicate(timeout=timeout)
+    return process.returncode, out, err
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    from transformers import BertTokenizerFast
+
+    root = tmp_path_factory.mktemp("cli")
+    vocab = root / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + TOY_WORDS) + "\n")
+    tokenizer = BertTokenizerFast(str(vocab))
+    tiny_bert(vocab_size=len(tokenizer)).save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    data = root / "data"
+    data.mkdir()
+    for split, rows in (("train", toy_sentiment(32)), ("test", toy_sentiment(8))):
+        with open(data / f"{split}.jsonl", "w") as handle:
+            handle.writelines(json.dumps(r) + "\n" for r in rows)
+    return root
+
+
+def test_every_subcommand_end_to_end(workspace):
+    root = str(workspace)
+    code, out, err = _finish(
+        _start("train", "--model", "base", "--data", "data", "--output-dir", "out", "--lora-r", "4", "--lora-alpha", "8",
+               "--epochs", "1", "--batch-size", "8", "--lr", "5e-3", "--num-components", "3", cwd=root)
+    )
+    assert code == 0, err[-2000:]
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["merged"] is True and "eval_accuracy" in summary["metrics"]
+    assert "MonteCLoRA" in err  # the tqdm bar
+    assert os.path.isfile(os.path.join(root, "out", "model.safetensors"))
+    meta = json.load(open(os.path.join(root, "out", "adapter", "monteclora_config.json")))
+    assert meta["config"]["lora_r"] == 4 and meta["config"]["num_components"] == 3 and meta["config"]["lora_alpha"] == 8
+
+    jobs = {
+        "evaluate": _start("evaluate", "--adapter-path", "out", "--data", "data/test.jsonl", "--num-samples", "2", cwd=root),
+        "predict": _start("predict", "--adapter-path", "out", "--text", "the good", "--text", "sad is", cwd=root),
+        "inspect": _start("inspect", "--adapter-path", "out", cwd=root),
+        "merge": _start("merge", "--base-model-path", "base", "--adapter-path", "out", "--output-folder", "merged", cwd=root),
+        "kohya": _start("convert-kohya", "--adapter-path", "out", "--output", "lora.safetensors", cwd=root),
+    }
+    results = {name: _finish(job) for name, job in jobs.items()}
+
+    code, out, err = results["evaluate"]
+    assert code == 0, err[-2000:]
+    metrics = json.loads(out)
+    assert set(metrics) == {"mean", "predictive"} and 0 <= metrics["predictive"]["accuracy"] <= 1
+
+    code, out, err = results["predict"]
+    assert code == 0, err[-2000:]
+    rows = [json.loads(line) for line in out.strip().splitlines()]
+    assert [r["text"] for r in rows] == ["the good", "sad is"]
+    assert all(abs(sum(r["probs"]) - 1) < 1e-5 and r["mutual_information"] >= 0 for r in rows)
+
+    code, out, err = results["inspect"]
+    assert code == 0, err[-2000:]
+    assert "total extra parameters" in out and "N = 3 components" in out
+
+    code, out, err = results["merge"]
+    assert code == 0, err[-2000:]
+    from transformers import AutoModelForSequenceClassification
+
+    from pyro_monteclora.io import load
+
+    merged = AutoModelForSequenceClassification.from_pretrained(os.path.join(root, "merged")).eval()
+    bayes = load(os.path.join(root, "base"), os.path.join(root, "out"))
+    batch = {"input_ids": torch.tensor([[2, 4, 12, 3]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    torch.testing.assert_close(merged(**batch).logits, bayes.mean_logits(batch), atol=1e-5, rtol=0)
+
+    code, out, err = results["kohya"]
+    assert code == 0, err[-2000:]
+    from safetensors.torch import load_file
+
+    tensors = load_file(os.path.join(root, "lora.safetensors"))
+    alphas = [float(v) for k, v in tensors.items() if k.endswith(".alpha")]
+    assert alphas and set(alphas) == {8.0}
+
+
+
+def test_push_to_hub_never_prints_the_token(workspace, capfd, caplog, monkeypatch):
+    """--push-to-hub cannot reach the Hub here: it must fail in one line without showing the token."""
+    from pyro_monteclora.cli import main
+    from pyro_monteclora.io import save_pretrained
+    from pyro_monteclora import MonteCLoRA
+
+    for name, value in _env().items():
+        monkeypatch.setenv(name, value)
+    adapter = save_pretrained(MonteCLoRA.from_model(tiny_bert(vocab_size=17), lora_r=4), str(workspace / "push-adapter"),
+                              overwrite=True)
+    caplog.set_level("DEBUG")
+    code = main(["merge", "--base-model-path", str(workspace / "base"), "--adapter-path", adapter,
+                 "--push-to-hub", "someone/repo", "--token", SECRET])
+    out, err = capfd.readouterr()
+    assert code == 1
+    assert SECRET not in out and SECRET not in err and SECRET not in caplog.text
+    assert err.strip().splitlines()[-1].startswith("pyro-monteclora merge: error:")
+
+
+def test_bad_arguments_are_one_clear_line(workspace, capsys):
+    from pyro_monteclora.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:  # argparse: usage + one error line, exit 2
+        main(["merge", "--base-model-path", "base", "--adapter-path", "out"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--output-folder" in err and "--push-to-hub" in err
+    code = main(["train", "--model", str(workspace / "base"), "--data", str(workspace / "missing.jsonl"),
+                 "--output-dir", str(workspace / "o2")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and "missing.jsonl" in err[0]
+
+
+def test_help_lists_every_flag_with_its_default():
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if a.dest == "command").choices
+    assert set(subparsers) == {"train", "evaluate", "predict", "merge", "convert-kohya", "inspect"}
+    for name, sub in subparsers.items():
+        for action in sub._actions:
+            if action.dest != "help":
+                assert action.help and ("default" in action.help or action.required), (name, action.dest)
+    text = subparsers["train"].format_help()
+    for flag in ("--model", "--data", "--lora-r", "--lora-alpha", "--lora-dropout", "--target-modules", "--quantization",
+                 "--merge-adapter", "--no-merge-adapter", "--epochs", "--lr", "--batch-size", "--num-components",
+                 "--sample-scaler", "--kl-weight", "--cooperative-weight"):
+        assert flag in text, flag
+    assert "(default: 16)" in text  # lora_r, from MonteCLoRAConfig
+
+
+def test_flags_map_onto_the_config():
+    parser = build_parser()
+    args = parser.parse_args(["train", "--data", "d", "--output-dir", "o"])
+    assert MonteCLoRAConfig().replace(**_config_overrides(args)) == MonteCLoRAConfig()
+    args = parser.parse_args(
+        ["train", "--data", "d", "--output-dir", "o", "--lora-r", "8", "--lr", "0.01", "--epochs", "2",
+         "--target-modules", "query", "value", "--quantization", "int8", "--no-merge-adapter", "--wishart-df", "none"]
+    )
+    config = MonteCLoRAConfig().replace(**_config_overrides(args))
+    assert (config.lora_r, config.learning_rate, config.num_epochs) == (8, 0.01, 2)
+    assert config.target_modules == ["query", "value"] and config.quantization == "int8"
+    assert config.merge_adapter is False and config.wishart_df is None
+    flagged = {a.dest for a in next(a for a in parser._actions if a.dest == "command").choices["train"]._actions}
+    assert {f.name for f in dataclasses.fields(MonteCLoRAConfig)} - {"output_dir"} <= flagged
+
+
+def test_errors_are_one_line(tmp_path, capsys):
+    from pyro_monteclora.cli import main
+
+    code = main(["convert-kohya", "--adapter-path", str(tmp_path), "--output", str(tmp_path / "x.safetensors")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and err[0].startswith("pyro-monteclora convert-kohya: error: no peft adapter")
