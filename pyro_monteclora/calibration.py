@@ -154,10 +154,8 @@ def reliability_diagram(
     top.set_ylabel("accuracy")
     top.set_xlim(0, 1)
     top.set_ylim(0, 1)
-    top.legend(loc="upper left", fontsize=8)
-    top.set_title(title or "Reliability diagram", fontsize=10)
-    top.text(0.97, 0.05, f"ECE = {ece:.3f}\naccuracy = {acc:.3f}", ha="right", va="bottom",
-             transform=top.transAxes, fontsize=8)
+    top.legend(loc="upper left", fontsize=8, title=f"ECE = {ece:.3f}, accuracy = {acc:.3f}", title_fontsize=8)
+    top.set_title(title or "Reliability diagram", fontsize=9)
     bottom.bar(centers, bins["count"].numpy(), width=width, edgecolor="black", color="tab:gray")
     bottom.set_xlabel("confidence (max probability)")
     bottom.set_ylabel("count")
