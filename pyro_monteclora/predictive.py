@@ -264,7 +264,8 @@ class Predictive(nn.Module):
 
 
 def _tokenizer(monteclora: Any, tokenizer: Any) -> Any:
-    tokenizer = tokenizer or getattr(monteclora, "tokenizer", None)
+    if tokenizer is None:
+        tokenizer = getattr(monteclora, "tokenizer", None)
     if tokenizer is None:
         raise ValueError("no tokenizer: pass tokenizer=... (or train the model with one)")
     return tokenizer
@@ -324,7 +325,8 @@ def predict(
         raise ValueError("predict() is for classification models; use multiple_choice() or "
                          "sequence_log_likelihood() for a causal LM")
     examples = _classification_examples(monteclora, data, tokenizer)
-    pad = _pad_id(_tokenizer(monteclora, tokenizer)) if tokenizer or monteclora.tokenizer else 0
+    known = tokenizer if tokenizer is not None else getattr(monteclora, "tokenizer", None)
+    pad = _pad_id(known) if known is not None else 0  # pre-tokenized rows without a tokenizer
     predictive = Predictive(monteclora, num_samples, seed, mode, return_samples, vectorize)
     parts = [predictive(batch) for batch in _batches(examples, pad, batch_size)]
     return {k: torch.cat([p[k] for p in parts], dim=1 if k == "sample_probs" else 0) for k in parts[0]}
