@@ -11,11 +11,13 @@ from __future__ import annotations
 import torch
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
-__all__ = ["tiny_bert", "tiny_llama"]
+__all__ = ["tiny_bert", "tiny_llama", "toy_sentiment", "nonzero_lora_b", "TOY_WORDS"]
+
+TOY_WORDS = ["good", "great", "nice", "happy", "bad", "awful", "sad", "ugly", "the", "is", "positive", "negative"]
 
 
 def tiny_bert(vocab_size: int = 64, num_labels: int = 2, hidden_size: int = 16, seed: int = 0) -> BertForSequenceClassification:
-    """A 1-layer BERT classifier (hidden 16, intermediate 32) with a seeded random init."""
+    """A 1-layer BERT classifier (hidden 16, intermediate 32, no dropout) with a seeded random init."""
     config = BertConfig(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -24,6 +26,8 @@ def tiny_bert(vocab_size: int = 64, num_labels: int = 2, hidden_size: int = 16, 
         intermediate_size=2 * hidden_size,
         max_position_embeddings=128,
         num_labels=num_labels,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
     )
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -47,3 +51,23 @@ def tiny_llama(vocab_size: int = 64, hidden_size: int = 32, num_layers: int = 2,
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         return LlamaForCausalLM(config)
+
+
+def toy_sentiment(n: int = 64) -> list[dict]:
+    """Two-word texts whose label is whether the adjective is positive."""
+    positive, negative = TOY_WORDS[:4], TOY_WORDS[4:8]
+    rows = []
+    for i in range(n):
+        label = i % 2
+        word = (positive if label else negative)[(i // 2) % 4]
+        rows.append({"text": f"the {word}" if i % 3 else f"{word} is", "label": label})
+    return rows
+
+
+def nonzero_lora_b(network: torch.nn.Module, std: float = 0.5, seed: int = 1) -> None:
+    """LoRA B starts at zero, which hides any noise in A: give it random values."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in network.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * std)

@@ -207,7 +207,8 @@ def _fit(
             _check_and_show(records[-1], bar)
             if eval_loader is not None and config.eval_every_epoch:
                 result.evaluations.append({"epoch": epoch, **evaluate_mean(monteclora, eval_loader)})
-                bar.write(f"epoch {epoch}: " + ", ".join(f"{k}={v:.4f}" for k, v in result.evaluations[-1].items() if k != "epoch"))
+                if progress:
+                    bar.write(f"epoch {epoch}: " + ", ".join(f"{k}={v:.4f}" for k, v in result.evaluations[-1].items() if k != "epoch"))
     finally:
         bar.close()
         monteclora.eval()

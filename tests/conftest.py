@@ -1,0 +1,45 @@
+"""Shared fixtures: fixed seeds, an empty Pyro param store, validation on, tiny tokenizers."""
+
+from __future__ import annotations
+
+import os
+
+import pyro
+import pytest
+import torch
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_DATA = os.path.join(REPO, "..", "shared", "data")
+
+from pyro_monteclora.testing import TOY_WORDS as WORDS
+
+
+@pytest.fixture(autouse=True)
+def _clean_pyro():
+    pyro.clear_param_store()
+    pyro.enable_validation(True)
+    torch.manual_seed(0)
+    yield
+    assert not list(pyro.get_param_store().keys()), "a test leaked parameters into Pyro's global param store"
+
+
+@pytest.fixture(scope="session")
+def word_tokenizer(tmp_path_factory):
+    """A BERT WordPiece tokenizer over a 16-token vocabulary (no hub access)."""
+    from transformers import BertTokenizerFast
+
+    folder = tmp_path_factory.mktemp("tokenizer")
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + WORDS) + "\n")
+    return BertTokenizerFast(str(vocab))
+
+
+@pytest.fixture(scope="session")
+def minilm_tokenizer():
+    from transformers import AutoTokenizer
+
+    from pyro_monteclora.examples import minilm_path
+
+    return AutoTokenizer.from_pretrained(minilm_path())
