@@ -306,11 +306,14 @@ def main(argv=None) -> None:
         "LoRA r=16, alpha=32, dropout 0.05, all-linear; pyro_monteclora defaults (N=4, exact components) and "
         "`collapse_components=True`.",
     ]
-    compare("MiniLM (all-MiniLM-L6-v2, 36 adapted layers)", minilm, batch_for("minilm", 32, 64), False, reps, lines)
+    compare("MiniLM (all-MiniLM-L6-v2, 36 adapted layers), 64-token sequences", minilm,
+            batch_for("minilm", 32, 64), False, reps, lines)
     print("\n".join(lines), flush=True)
+    compare("MiniLM, 8-token sequences (the shape of a VADER training batch)", minilm,
+            batch_for("minilm", 32, 8), False, reps, lines)
     compare("Random-init Llama (hidden 1024, 4 blocks, 28 adapted layers)", lambda: llama(4, 1024),
             batch_for("llama", 2, 128), True, max(3, reps // 2), lines)
-    print("\n".join(lines[-12:]), flush=True)
+    print("\n".join(lines[-20:]), flush=True)
     growth(max(3, reps // 2), lines)
     text = "\n".join(lines) + "\n"
     print(text)
