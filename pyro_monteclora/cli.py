@@ -323,12 +323,12 @@ def _load_monteclora(args: argparse.Namespace) -> Any:
 def _train(args: argparse.Namespace) -> int:
     from .config import MonteCLoRAConfig
     from .examples import minilm_path
-    from .io import _check_target, save_result
+    from .io import check_output_folder, save_result
     from .quantization import load_base_model
     from .train import train
 
     config = MonteCLoRAConfig().replace(**_config_overrides(args))
-    _check_target(os.path.abspath(args.output_dir), args.overwrite)  # fail before training, not after
+    check_output_folder(os.path.abspath(args.output_dir), args.overwrite)  # fail before training, not after
     model_path = args.model or minilm_path()
     data = load_data_arg(args.data)
     eval_data = load_data_arg(args.eval_data) if args.eval_data else None

@@ -146,7 +146,7 @@ def _is_own_output(folder: str) -> bool:
     )
 
 
-def _check_target(folder: str, overwrite: bool) -> None:
+def check_output_folder(folder: str, overwrite: bool) -> None:
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise FileExistsError(f"{folder!r} exists and is not a folder")
     if os.path.isdir(folder) and os.listdir(folder) and not overwrite and not _is_own_output(folder):
@@ -159,7 +159,7 @@ def _check_target(folder: str, overwrite: bool) -> None:
 def _atomic_write(folder: PathLike, overwrite: bool, write: Any) -> str:
     """Run ``write(tmp)`` in a temporary folder beside ``folder``, then move it into place."""
     folder = os.path.abspath(os.fspath(folder))
-    _check_target(folder, overwrite)
+    check_output_folder(folder, overwrite)
     parent = os.path.dirname(folder)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.tmp-", dir=parent)

@@ -81,6 +81,11 @@ class MonteCLoRA(nn.Module):
         """Attach a MonteCLoRA adapter to a transformers model (modified in place by peft)."""
         config = (config or MonteCLoRAConfig()).replace(**overrides)
         task = infer_task(model) if config.task == "auto" else config.task
+        if config.quantization:
+            from .quantization import quantization_of, quantize_base
+
+            if quantization_of(model) is None:
+                model = quantize_base(model, config.quantization, exclude=config.modules_to_save)
         network, groups = attach_lora(model, config, task)
         device = next(network.parameters()).device
         return cls(network, groups, config, task, tokenizer).to(device)
@@ -112,6 +117,16 @@ class MonteCLoRA(nn.Module):
         guide_trace = poutine.trace(self.guide).get_trace(batch)
         inputs = self._inputs(batch)
         return poutine.block(poutine.replay(self.model, trace=guide_trace))(inputs)
+
+    def save_pretrained(self, folder: str, *, merged: bool = False, overwrite: bool = False) -> str:
+        """Write the mean adapter (stock peft files), the variational posterior and the config.
+
+        With ``merged=True`` the folder holds a plain transformers model (base + mean adapter)
+        with the full adapter folder beside it. See :mod:`pyro_monteclora.io`.
+        """
+        from .io import save_merged, save_pretrained
+
+        return (save_merged if merged else save_pretrained)(self, folder, overwrite=overwrite)
 
     def forward(self, **inputs: torch.Tensor) -> Any:
         """The network's forward pass with the mean adapter (transformers outputs)."""

@@ -141,19 +141,36 @@ def test_local_json_and_csv_files(word_tokenizer, tmp_path):
         assert len(result.history) == 2, name
 
 
+def _bpe_tokenizer(texts, vocab_size=512):
+    """A byte-level BPE tokenizer trained offline on the texts (a 30k vocab would dominate the step)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    tokenizer.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials))
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+
+
 @pytest.mark.slow
-def test_tiny_causal_lm_on_real_instruction_data(minilm_tokenizer):
+def test_tiny_causal_lm_on_real_instruction_data():
+    from pyro_monteclora.data import format_instruction
+
     with open(os.path.join(SHARED_DATA, "math", "math_data.json")) as handle:
         rows = json.load(handle)[:200]
-    assert {"instruction", "output"} <= set(rows[0])
-    model = tiny_llama(vocab_size=minilm_tokenizer.vocab_size, hidden_size=32)
+    assert {"instruction", "input", "output"} <= set(rows[0])
+    tokenizer = _bpe_tokenizer([format_instruction(r) + r["output"] for r in rows])
+    model = tiny_llama(vocab_size=len(tokenizer), hidden_size=32)
     result = pyro_monteclora.train(
-        model, rows, tokenizer=minilm_tokenizer, num_epochs=2, batch_size=16, learning_rate=3e-3, lora_r=4,
-        max_length=192, progress=False,
+        model, rows, tokenizer=tokenizer, num_epochs=2, batch_size=8, learning_rate=1e-2, lora_r=8,
+        max_length=256, progress=False,
     )
     nll = [r["nll"] for r in result.history]
     k = len(nll) // 4
-    assert sum(nll[-k:]) / k < 0.9 * sum(nll[:k]) / k
+    assert sum(nll[-k:]) / k < 0.95 * sum(nll[:k]) / k, (nll[:k], nll[-k:])
 
 
 @pytest.mark.slow
@@ -171,10 +188,6 @@ def test_minilm_beats_majority_on_held_out_vader_words():
 
 
 # --- clear errors ------------------------------------------------------------------------
-
-
-def _fails(match, **kwargs):
-    return pytest.raises(ValueError, match=match)
 
 
 def test_error_unknown_target_module(word_tokenizer):

@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -90,6 +91,9 @@ def train(
             ``DatasetDict``, if any).
         progress: show a tqdm bar with the loss and its parts.
 
+    With ``config.output_dir`` set, the result is saved there: a merged model by default
+    (``merge_adapter=True``), else the adapter alone; the variational posterior either way.
+
     Given the same seed, two runs on the CPU give identical results. The caller's global torch
     random state is left as it was.
     """
@@ -97,6 +101,10 @@ def train(
         config = (config or model.config).replace(**overrides)
     else:
         config = (config or MonteCLoRAConfig()).replace(**overrides)
+    if config.output_dir:  # refuse a folder we may not write before spending the training time
+        from ..io import check_output_folder
+
+        check_output_folder(os.path.abspath(config.output_dir), overwrite=False)
     device = _device_of(model)
     cuda_devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda_devices):
@@ -110,7 +118,12 @@ def train(
         train_data, eval_data = split_data(load_data(dataset), load_data(eval_dataset) if eval_dataset is not None else None)
         train_examples = _tokenize(monteclora, train_data, tokenizer, config)
         eval_examples = _tokenize(monteclora, eval_data, tokenizer, config) if eval_data is not None and len(eval_data) else None
-        return _fit(monteclora, train_examples, eval_examples, tokenizer, config, progress)
+        result = _fit(monteclora, train_examples, eval_examples, tokenizer, config, progress)
+    if config.output_dir:
+        from ..io import save_result
+
+        save_result(result, config.output_dir)
+    return result
 
 
 def _device_of(model: Any) -> torch.device:
