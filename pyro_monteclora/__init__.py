@@ -1,9 +1,19 @@
-"""pyro_monteclora: MonteCLoRA (Bayesian LoRA) as an explicit Pyro model, guide and SVI loop.
+r"""pyro_monteclora: MonteCLoRA (Bayesian LoRA) as an explicit Pyro model, guide and SVI loop.
 
 Example:
+    >>> import os, tempfile, torch
     >>> import pyro_monteclora
-    >>> sorted(n for n in pyro_monteclora.__all__ if n[0].isupper())[:3]
-    ['MonteCLoRA', 'MonteCLoRAConfig', 'TrainResult']
+    >>> from pyro_monteclora.testing import tiny_bert, toy_sentiment
+    >>> from transformers import BertTokenizerFast
+    >>> vocab = os.path.join(tempfile.mkdtemp(), "vocab.txt")
+    >>> _ = open(vocab, "w").write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "the", "is", "good", "bad"]))
+    >>> result = pyro_monteclora.train(tiny_bert(vocab_size=8), toy_sentiment(16), tokenizer=BertTokenizerFast(vocab),
+    ...                                num_epochs=1, batch_size=8, lora_r=4, progress=False)
+    >>> sorted(result.history[-1])
+    ['cooperative', 'epoch', 'kl', 'loss', 'lr', 'nll', 'step']
+    >>> out = pyro_monteclora.Predictive(result.model, num_samples=4, seed=0)({"input_ids": torch.tensor([[2, 6, 3]])})
+    >>> round(float(out["probs"].sum()), 5)
+    1.0
 """
 
 from . import calibration, distributions, evaluation, inspection, predictive, train

@@ -14,8 +14,10 @@ Example:
     >>> batch = {"input_ids": torch.tensor([[1, 5, 2]]), "attention_mask": torch.ones(1, 3, dtype=torch.long),
     ...          "labels": torch.tensor([1])}
     >>> trace = pyro.poutine.trace(mc.model).get_trace(batch, dataset_size=100)
-    >>> [name for name in trace.stochastic_nodes]
+    >>> [name for name in trace.stochastic_nodes if not name.endswith("layers") and name != "data"]
     ['d16.covariance_tril', 'd16.weights', 'd16.components', 'd32.covariance_tril', 'd32.weights', 'd32.components']
+    >>> trace.observation_nodes
+    ['obs']
 """
 
 from __future__ import annotations
