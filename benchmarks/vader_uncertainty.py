@@ -22,29 +22,11 @@ import torch
 
 from pyro_monteclora import train
 from pyro_monteclora.calibration import calibration_metrics, reliability_diagram
+from pyro_monteclora.calibration import rank_correlation
 from pyro_monteclora.evaluation import evaluation_outputs
 from pyro_monteclora.examples import load_vader, minilm_path
 from pyro_monteclora.inspection import format_summary, summary
 from pyro_monteclora.predictive import Predictive, _batches, _pad_id
-
-
-def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Spearman's rho: Pearson correlation of the ranks (ties get their average rank)."""
-
-    def ranks(v: torch.Tensor) -> torch.Tensor:
-        v = v.double()
-        order = v.argsort()
-        r = torch.empty_like(v)
-        r[order] = torch.arange(len(v), dtype=torch.float64)
-        for value in v.unique():  # average ranks of ties
-            tied = v == value
-            if tied.sum() > 1:
-                r[tied] = r[tied].mean()
-        return r
-
-    a, b = ranks(x), ranks(y)
-    a, b = a - a.mean(), b - b.mean()
-    return float((a * b).sum() / (a.norm() * b.norm()))
 
 
 def timing(monteclora, tokenizer, texts, num_samples: int, repeats: int) -> dict[str, float]:
@@ -111,8 +93,8 @@ def main() -> None:
     print("Spearman rank correlation with the raters' std (and with -|mean rating|):")
     for name, key in (("mean", "entropy"), ("predictive", "entropy"), ("predictive", "mutual_information")):
         values = outputs[name][key]
-        print(f"  {name + ' ' + key:<32} rho(std) = {spearman(values, std):+.3f}   "
-              f"rho(-|mean|) = {spearman(values, neutral):+.3f}   (mean value {float(values.mean()):.3g})")
+        print(f"  {name + ' ' + key:<32} rho(std) = {rank_correlation(values, std):+.3f}   "
+              f"rho(-|mean|) = {rank_correlation(values, neutral):+.3f}   (mean value {float(values.mean()):.3g})")
     print(format_summary(summary(monteclora)))
     if args.diagram:
         path = reliability_diagram(outputs["predictive"]["probs"], labels, args.diagram,

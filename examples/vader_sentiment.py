@@ -15,26 +15,10 @@ import torch
 from transformers import AutoModelForSequenceClassification
 
 import pyro_monteclora
+from pyro_monteclora.calibration import rank_correlation
 from pyro_monteclora.evaluation import evaluate
 from pyro_monteclora.examples import load_vader, minilm_path
 from pyro_monteclora.predictive import predict
-
-
-def spearman(x: torch.Tensor, y: torch.Tensor) -> float:
-    """Spearman rank correlation (average ranks for ties)."""
-
-    def ranks(v: torch.Tensor) -> torch.Tensor:
-        order = v.argsort()
-        r = torch.empty_like(v, dtype=torch.float64)
-        r[order] = torch.arange(len(v), dtype=torch.float64)
-        for value in v.unique():  # average the ranks of ties
-            tied = v == value
-            r[tied] = r[tied].mean()
-        return r
-
-    a, b = ranks(x.double()), ranks(y.double())
-    a, b = a - a.mean(), b - b.mean()
-    return float((a * b).sum() / (a.norm() * b.norm()))
 
 
 def main() -> None:
@@ -62,8 +46,8 @@ def main() -> None:
               f"{m['accuracy']:>10.4f}{m['nll']:>10.4f}{m['brier']:>10.4f}{m['ece']:>10.4f}")
     outputs = predict(result.model, test, num_samples=args.num_samples, seed=args.seed)
     std = torch.tensor(test["rating_std"])
-    print(f"Spearman(predictive entropy, raters' std)  = {spearman(outputs['entropy'], std):.3f}")
-    print(f"Spearman(mutual information, raters' std)  = {spearman(outputs['mutual_information'], std):.3f}")
+    print(f"Spearman(predictive entropy, raters' std)  = {rank_correlation(outputs['entropy'], std):.3f}")
+    print(f"Spearman(mutual information, raters' std)  = {rank_correlation(outputs['mutual_information'], std):.3f}")
 
 
 if __name__ == "__main__":

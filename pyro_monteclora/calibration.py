@@ -30,6 +30,7 @@ __all__ = [
     "calibration_bins",
     "reliability_diagram",
     "calibration_metrics",
+    "rank_correlation",
 ]
 
 
@@ -166,3 +167,32 @@ def reliability_diagram(
         os.makedirs(folder, exist_ok=True)
     figure.savefig(path, format="png")
     return path
+
+
+def _average_ranks(values: torch.Tensor) -> torch.Tensor:
+    """Ranks 0..n-1 of ``values``, ties sharing the average of their ranks."""
+    _, inverse, counts = torch.unique(values, return_inverse=True, return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    return (starts.double() + (counts.double() - 1) / 2)[inverse]
+
+
+def rank_correlation(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Spearman's rho of two 1-d samples: the Pearson correlation of their (average) ranks.
+
+    How well an uncertainty score orders examples like a ground truth does (e.g. predictive
+    entropy against the spread of human ratings). Raises ``ValueError`` when either sample is
+    constant, where the correlation is undefined.
+
+    Example:
+        >>> round(rank_correlation(torch.tensor([0.1, 0.4, 0.3]), torch.tensor([1.0, 3.0, 2.0])), 6)
+        1.0
+    """
+    x, y = torch.as_tensor(x).reshape(-1), torch.as_tensor(y).reshape(-1)
+    if x.numel() != y.numel() or x.numel() < 2:
+        raise ValueError(f"need two samples of equal size >= 2, got {x.numel()} and {y.numel()}")
+    a, b = _average_ranks(x), _average_ranks(y)
+    a, b = a - a.mean(), b - b.mean()
+    norm = a.norm() * b.norm()
+    if norm == 0:
+        raise ValueError("rank correlation is undefined for a constant sample")
+    return float((a * b).sum() / norm)

@@ -70,3 +70,17 @@ def test_reliability_diagram_writes_png(tmp_path):
     path = reliability_diagram(probs, labels, tmp_path / "sub" / "diagram.png", num_bins=10, title="test")
     with open(path, "rb") as handle:
         assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rank_correlation_matches_scipy_with_ties():
+    import scipy.stats
+
+    from pyro_monteclora.calibration import rank_correlation
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 5, (200,), generator=generator).double()  # many ties
+    y = x + torch.randn(200, generator=generator, dtype=torch.float64)
+    assert abs(rank_correlation(x, y) - scipy.stats.spearmanr(x.numpy(), y.numpy()).statistic) < 1e-12
+    assert rank_correlation(x, -x) == pytest.approx(-1.0)
+    with pytest.raises(ValueError, match="constant"):
+        rank_correlation(torch.ones(5), torch.arange(5.0))
