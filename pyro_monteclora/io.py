@@ -125,19 +125,22 @@ def _write_adapter(monteclora: "MonteCLoRA", folder: str, metrics: Optional[dict
     _write_json(os.path.join(folder, CONFIG_NAME), _metadata(monteclora, metrics))
     readme = os.path.join(folder, "README.md")
     if card:
-        with open(readme, "w", encoding="utf-8") as handle:
-            handle.write(
-                model_card(
-                    monteclora.config,
-                    base_model=_base_name(monteclora),
-                    task=monteclora.task,
-                    merged=False,
-                    metrics=metrics,
-                    version=_version(),
-                )
-            )
+        _write_card(monteclora, folder, merged=False, metrics=metrics)
     elif os.path.exists(readme):
         os.remove(readme)
+
+
+def _write_card(monteclora: "MonteCLoRA", folder: str, merged: bool, metrics: Optional[dict]) -> None:
+    card = model_card(
+        monteclora.config,
+        base_model=_base_name(monteclora),
+        task=monteclora.task,
+        merged=merged,
+        metrics=metrics,
+        version=_version(),
+    )
+    with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as handle:
+        handle.write(card)
 
 
 def _is_own_output(folder: str) -> bool:
@@ -283,17 +286,7 @@ def save_merged(
         if monteclora.tokenizer is not None:
             monteclora.tokenizer.save_pretrained(tmp)
         _write_adapter(monteclora, os.path.join(tmp, ADAPTER_SUBFOLDER), metrics, card=True)
-        with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as handle:
-            handle.write(
-                model_card(
-                    monteclora.config,
-                    base_model=_base_name(monteclora),
-                    task=monteclora.task,
-                    merged=True,
-                    metrics=metrics,
-                    version=_version(),
-                )
-            )
+        _write_card(monteclora, tmp, merged=True, metrics=metrics)
 
     return _atomic_write(folder, overwrite, write)
 
