@@ -150,12 +150,16 @@ def load_task(name: str, train_size: int, test_size: int, seed: int = 0) -> Task
         test_items = _arc_items("ARC-Easy", "test")
         train_items = [train_items[i] for i in rng.permutation(len(train_items))[: train_size // 4]]
         test_items = [test_items[i] for i in rng.permutation(len(test_items))[:test_size]]
-        train_rows = [
-            {"text": q, "text_pair": o, "label": int(k == a)} for q, opts, a in train_items for k, o in enumerate(opts)
-        ]
-        test_rows = [
-            {"text": q, "text_pair": o, "label": int(k == a)} for q, opts, a in test_items for k, o in enumerate(opts)
-        ]
+        # one text "question [SEP] option" (pyro_monteclora.data's text_pair path fails on
+        # datasets >= 4 Columns, see the benchmarks README)
+        sep = tokenizer().sep_token
+
+        def pairs(items):
+            return [
+                {"text": f"{q} {sep} {o}", "label": int(k == a)} for q, opts, a in items for k, o in enumerate(opts)
+            ]
+
+        train_rows, test_rows = pairs(train_items), pairs(test_items)
         return Task(
             "arc",
             Dataset.from_list(train_rows),

@@ -37,7 +37,7 @@ EVALS = ("lora", "peft_mc", "ours_mean", "ours_pp")
 FULL = dict(
     lrs=[1e-4, 3.16e-4, 1e-3, 3.16e-3, 1e-2],
     batch_sizes=[32, 64],
-    sizes={"vader": (2000, 1000), "boolq": (2000, 600), "arc": (2000, 250)},
+    sizes={"vader": (2000, 1000), "boolq": (4000, 600), "arc": (2000, 250)},
     epochs=2,
 )
 QUICK = dict(
@@ -48,7 +48,7 @@ QUICK = dict(
 )
 
 
-def run_sweep(settings: dict, tasks: list[str], seeds: list[int], log) -> list[dict]:
+def run_sweep(settings: dict, tasks: list[str], seeds: list[int], log, save=lambda records: None) -> list[dict]:
     records = []
     for task_name in tasks:
         train_size, test_size = settings["sizes"][task_name]
@@ -73,6 +73,7 @@ def run_sweep(settings: dict, tasks: list[str], seeds: list[int], log) -> list[d
                             log(f"  {task_name} lr={lr:g} bs={batch_size} seed={seed} {name:9s} "
                                 f"acc={metrics['accuracy']:.3f} nll={metrics['nll']:.3f} "
                                 f"ece={metrics['ece']:.3f} ({result.seconds:.0f}s)")
+                        save(records)
     return records
 
 
@@ -124,7 +125,7 @@ def targets(summary: dict, tasks: list[str]) -> list[str]:
     lines = ["| target | task | measured | met |", "|---|---|---|---|"]
     spread_wins = 0
     for task in tasks:
-        if (task, "lora") not in summary:
+        if any((task, m) not in summary for m in EVALS):
             continue
         lora, peft, pp, mean = (summary[(task, m)] for m in ("lora", "peft_mc", "ours_pp", "ours_mean"))
         lines.append(f"| LoRA best beats majority by ≥ 5 pts | {task} | {100 * lora['best']:.1f} vs "
@@ -191,6 +192,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=None)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--from-json", default=None, help="re-summarize the raw records of an earlier (partial) run")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     settings = dict(QUICK if args.quick else FULL)
@@ -199,11 +201,23 @@ def main(argv=None) -> None:
     if args.batch_sizes:
         settings["batch_sizes"] = args.batch_sizes
     start = time.perf_counter()
-    records = run_sweep(settings, args.tasks, args.seeds, lambda m: print(m, flush=True))
+    stem = "robustness_quick" if args.quick else "robustness"
+    os.makedirs(args.out, exist_ok=True)
+    raw = os.path.join(args.out, f"{stem}.json")
+
+    def save(records):  # after every run, so an interrupted sweep keeps what it measured
+        with open(raw, "w", encoding="utf-8") as handle:
+            json.dump(records, handle, indent=1, sort_keys=True)
+
+    if args.from_json:
+        with open(args.from_json, encoding="utf-8") as handle:
+            records = json.load(handle)
+        args.tasks = [t for t in args.tasks if any(r["task"] == t for r in records)]
+    else:
+        records = run_sweep(settings, args.tasks, args.seeds, lambda m: print(m, flush=True), save)
     minutes = (time.perf_counter() - start) / 60
     table, summary = summarize(records, args.tasks)
     checks = targets(summary, args.tasks)
-    stem = "robustness_quick" if args.quick else "robustness"
     command = "python benchmarks/robustness.py " + " ".join(argv if argv is not None else sys.argv[1:])
     text = "\n".join([
         f"# Robustness sweep{' (--quick)' if args.quick else ''}",
@@ -232,11 +246,8 @@ def main(argv=None) -> None:
         f"![accuracy and ECE against learning rate]({stem}.png)",
         "",
     ])
-    os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"{stem}.md"), "w", encoding="utf-8") as handle:
         handle.write(text)
-    with open(os.path.join(args.out, f"{stem}.json"), "w", encoding="utf-8") as handle:
-        json.dump(records, handle, indent=1, sort_keys=True)
     plot(summary, args.tasks, os.path.join(args.out, f"{stem}.png"))
     print(text)
 
