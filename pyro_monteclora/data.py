@@ -119,7 +119,7 @@ def tokenize_classification(
         raise ValueError("the dataset is empty: it needs at least one example")
     _require_columns(data, [("text", "label")], "classification")
     labels = [_label_id(v, num_labels, label2id, row) for row, v in enumerate(data["label"])]
-    pair = data["text_pair"] if "text_pair" in data.column_names else None
+    pair = list(data["text_pair"]) if "text_pair" in data.column_names else None
     encoded = tokenizer(list(data["text"]), pair, truncation=True, max_length=max_length)
     keys = [k for k in encoded.keys() if k in ("input_ids", "attention_mask", "token_type_ids")]
     return [{**{k: encoded[k][i] for k in keys}, "label": labels[i]} for i in range(len(labels))]

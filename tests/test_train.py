@@ -155,6 +155,15 @@ def _bpe_tokenizer(texts, vocab_size=512):
                                    unk_token="<unk>")
 
 
+def test_text_pair_is_the_second_segment(word_tokenizer):
+    from pyro_monteclora.data import tokenize_classification
+
+    rows = Dataset.from_list([{"text": "the good", "text_pair": "is bad", "label": 1}])
+    (example,) = tokenize_classification(rows, word_tokenizer, max_length=16, num_labels=2)
+    assert word_tokenizer.decode(example["input_ids"]) == "[CLS] the good [SEP] is bad [SEP]"
+    assert example["token_type_ids"] == [0, 0, 0, 0, 1, 1, 1]
+
+
 @pytest.mark.slow
 def test_tiny_causal_lm_on_real_instruction_data():
     from pyro_monteclora.data import format_instruction
