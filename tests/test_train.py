@@ -222,6 +222,25 @@ def test_error_model_without_linear_layers():
         MonteCLoRA.from_model(Embedder(), task="classification")
 
 
+def test_error_gradient_checkpointing_would_drop_the_noise(word_tokenizer):
+    model = tiny_llama(vocab_size=16)
+    model.gradient_checkpointing_enable()
+    with pytest.raises(ValueError, match="checkpointing is on.*gradient_checkpointing_disable"):
+        pyro_monteclora.train(model, _toy_completion(8), tokenizer=word_tokenizer, lora_r=4, progress=False)
+
+
+def test_half_precision_logits_are_scored_in_float32():
+    import pyro.poutine as poutine
+
+    from pyro_monteclora.models import classification_likelihood
+
+    logits = torch.tensor([[2.0, -1.0], [0.5, 0.25]])
+    labels = torch.tensor([0, 1])
+    exact = poutine.trace(classification_likelihood).get_trace(logits, labels).log_prob_sum()
+    half = poutine.trace(classification_likelihood).get_trace(logits.bfloat16(), labels).log_prob_sum()
+    assert half.dtype == torch.float32 and torch.allclose(half, exact, atol=1e-6)
+
+
 def test_error_empty_dataset(word_tokenizer):
     with pytest.raises(ValueError, match="empty"):
         pyro_monteclora.train(tiny_bert(vocab_size=16), Dataset.from_list([]), tokenizer=word_tokenizer, progress=False)

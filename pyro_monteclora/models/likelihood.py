@@ -35,13 +35,21 @@ def _plate(batch_size: int, dataset_size: Optional[int], subsample: Optional[tor
     return pyro.plate("data", size=dataset_size, subsample=subsample, dim=-1)
 
 
+def _upcast(logits: torch.Tensor) -> torch.Tensor:
+    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+
+
 def classification_likelihood(
     logits: torch.Tensor,
     labels: Optional[torch.Tensor],
     dataset_size: Optional[int] = None,
     subsample: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """``labels[i] ~ Categorical(logits[i])`` for a batch of ``(batch, classes)`` logits."""
+    """``labels[i] ~ Categorical(logits[i])`` for a batch of ``(batch, classes)`` logits.
+
+    Half-precision logits are upcast to float32 before normalization.
+    """
+    logits = _upcast(logits)
     with _plate(logits.shape[0], dataset_size, subsample, logits.device):
         return pyro.sample(OBSERVATION_SITE, dist.Categorical(logits=logits), obs=labels)
 
@@ -57,8 +65,9 @@ def causal_lm_likelihood(
     ``labels`` are ``(batch, length)`` token ids aligned with the inputs, ``IGNORE_INDEX`` on
     prompt and padding positions (as in transformers); position ``t`` is predicted from ``t - 1``.
     A sequence is one observation (its tokens are its event), so the plate counts sequences.
+    Half-precision logits are upcast to float32 before normalization.
     """
-    shifted = logits[:, :-1]
+    shifted = _upcast(logits[:, :-1])
     if labels is None:
         with _plate(logits.shape[0], dataset_size, subsample, logits.device):
             return pyro.sample(OBSERVATION_SITE, dist.Categorical(logits=shifted).to_event(1))

@@ -183,6 +183,12 @@ def _fit(
     config: MonteCLoRAConfig,
     progress: bool,
 ) -> TrainResult:
+    if getattr(monteclora.network, "is_activation_checkpointing", False):
+        raise ValueError(
+            "gradient (activation) checkpointing is on: its recomputed forward pass would run after this "
+            "step's adapter draw is released and silently use the mean adapter; call "
+            "model.gradient_checkpointing_disable() before training"
+        )
     device = _device_of(monteclora)
     loader = _loader(train_examples, tokenizer, config.batch_size, shuffle=True, seed=config.seed)
     eval_loader = _loader(eval_examples, tokenizer, config.batch_size, False, config.seed) if eval_examples else None
