@@ -13,8 +13,8 @@ Methods:
   loss = cross-entropy + ``model.base_model._get_monteclora_loss()``; deterministic at eval
   (peft samples only in training), so it has no posterior predictive.
 - ``ours``: :func:`pyro_monteclora.train`, evaluated with the mean adapter (``ours_mean``) and
-  with the posterior predictive of S = 8 draws (``ours_pp``, a seeded ``Predictive``: the same
-  8 adapters for every test batch).
+  with the posterior predictive of S draws (``ours_pp``, a seeded ``Predictive``: the same
+  S adapters for every test batch; S = 8, 4 in ``robustness.py --quick``).
 
 Tasks (MiniLM classifiers, see :func:`load_task`):
 
@@ -333,7 +333,9 @@ def predict_posterior(task: Task, monteclora: Any, num_draws: int = NUM_DRAWS, s
     return draws.mean(0), draws
 
 
-def run_method(method: str, task: Task, lr: float, batch_size: int, epochs: int, seed: int) -> RunResult:
+def run_method(
+    method: str, task: Task, lr: float, batch_size: int, epochs: int, seed: int, num_draws: int = NUM_DRAWS
+) -> RunResult:
     start = time.perf_counter()
     if method in ("lora", "peft_mc"):
         model = train_peft(task, method == "peft_mc", lr, batch_size, epochs, seed)
@@ -342,7 +344,7 @@ def run_method(method: str, task: Task, lr: float, batch_size: int, epochs: int,
     elif method == "ours":
         mc = train_ours(task, lr, batch_size, epochs, seed)
         mean = predict_deterministic(task, lambda x: mc.network(**x).logits)
-        pp, draws = predict_posterior(task, mc, seed=seed)
+        pp, draws = predict_posterior(task, mc, num_draws=num_draws, seed=seed)
         probs = {"ours_mean": mean, "ours_pp": pp}
         extra = {"mutual_information": entropy(pp) - entropy(draws).mean(0)}
     else:
