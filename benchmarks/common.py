@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_scheduler
 
 from pyro_monteclora.data import Collator, IndexedExamples, tokenize_classification
-from pyro_monteclora.calibration import calibration_metrics
+from pyro_monteclora.calibration import calibration_metrics, rank_correlation
 from pyro_monteclora.examples import load_vader, minilm_path
 from pyro_monteclora.predictive import Predictive
 
@@ -180,13 +180,18 @@ def calibration(probs: np.ndarray, labels: np.ndarray, num_bins: int = 15) -> di
 
 
 def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    from scipy.stats import spearmanr
-
-    return float(spearmanr(x, y).correlation)
+    """Spearman's rho (``pyro_monteclora.calibration.rank_correlation``); NaN, on purpose, where it
+    is undefined: a run that collapsed to one class has a constant entropy."""
+    try:
+        return rank_correlation(torch.as_tensor(x), torch.as_tensor(y))
+    except ValueError:
+        return float("nan")
 
 
 def entropy(probs: np.ndarray) -> np.ndarray:
-    return -(probs * np.log(np.clip(probs, 1e-12, 1.0))).sum(-1)
+    """Entropy of each row of probabilities (0 log 0 = 0)."""
+    p = torch.as_tensor(probs, dtype=torch.float64)
+    return (-torch.special.xlogy(p, p).sum(-1)).numpy()
 
 
 # ------------------------------------------------------------------------------------ training
