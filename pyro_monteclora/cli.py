@@ -106,6 +106,18 @@ def _config_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return values
 
 
+def _add_sampling_flags(parser: argparse.ArgumentParser, defaults: dict, samples_help: str) -> None:
+    """``--num-samples``, ``--batch-size`` and ``--seed`` with the defaults of the function they feed."""
+    parser.add_argument(
+        "--num-samples", type=int, default=defaults["num_samples"],
+        help=f"{samples_help} (default: {defaults['num_samples']}).",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=defaults["batch_size"], help=f"Examples per batch (default: {defaults['batch_size']})."
+    )
+    parser.add_argument("--seed", type=int, default=defaults["seed"], help=f"Seed of the draws (default: {defaults['seed']}).")
+
+
 def _defaults_of(function: Callable[..., Any]) -> dict[str, Any]:
     return {
         name: p.default
@@ -167,14 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_loaded_model_flags(evaluation)
     evaluation.add_argument("--data", required=True, help="Evaluation data (file, folder or hub id).")
-    evaluation.add_argument(
-        "--num-samples", type=int, default=defaults["num_samples"],
-        help=f"Adapters drawn from the posterior (default: {defaults['num_samples']}).",
-    )
-    evaluation.add_argument(
-        "--batch-size", type=int, default=defaults["batch_size"], help=f"Examples per batch (default: {defaults['batch_size']})."
-    )
-    evaluation.add_argument("--seed", type=int, default=defaults["seed"], help=f"Seed of the draws (default: {defaults['seed']}).")
+    _add_sampling_flags(evaluation, defaults, "Adapters drawn from the posterior")
     evaluation.add_argument("--output", default=None, help="Also write the metrics to this JSON file (default: none).")
 
     defaults = _defaults_of(predict)
@@ -186,14 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_loaded_model_flags(prediction)
     prediction.add_argument("--text", action="append", default=None, help="A text to classify (repeatable; default: none, use --data).")
     prediction.add_argument("--data", default=None, help="A file or folder with a `text` column (default: none, use --text).")
-    prediction.add_argument(
-        "--num-samples", type=int, default=defaults["num_samples"],
-        help=f"Adapters drawn from the posterior; 0 uses the mean adapter (default: {defaults['num_samples']}).",
-    )
-    prediction.add_argument(
-        "--batch-size", type=int, default=defaults["batch_size"], help=f"Examples per batch (default: {defaults['batch_size']})."
-    )
-    prediction.add_argument("--seed", type=int, default=defaults["seed"], help=f"Seed of the draws (default: {defaults['seed']}).")
+    _add_sampling_flags(prediction, defaults, "Adapters drawn from the posterior; 0 uses the mean adapter")
 
     merge = commands.add_parser(
         "merge",
