@@ -21,12 +21,12 @@ import time
 import torch
 
 from pyro_monteclora import train
-from pyro_monteclora.calibration import calibration_metrics, reliability_diagram
-from pyro_monteclora.calibration import rank_correlation
+from pyro_monteclora.calibration import calibration_metrics, rank_correlation, reliability_diagram
+from pyro_monteclora.data import pad_token_id
 from pyro_monteclora.evaluation import evaluation_outputs
 from pyro_monteclora.examples import load_vader, minilm_path
 from pyro_monteclora.inspection import format_summary, summary
-from pyro_monteclora.predictive import Predictive, _batches, _pad_id
+from pyro_monteclora.predictive import Predictive, _batches
 
 
 def timing(monteclora, tokenizer, texts, num_samples: int, repeats: int) -> dict[str, float]:
@@ -34,7 +34,7 @@ def timing(monteclora, tokenizer, texts, num_samples: int, repeats: int) -> dict
     encoded = tokenizer(texts, truncation=True, max_length=monteclora.config.max_length)
     examples = [{k: encoded[k][i] for k in ("input_ids", "attention_mask", "token_type_ids") if k in encoded}
                 for i in range(len(texts))]
-    batch = next(_batches(examples, _pad_id(tokenizer), len(examples)))
+    batch = next(_batches(examples, pad_token_id(tokenizer), len(examples)))
     result = {}
     for name, vectorize in (("vectorized", True), ("loop", False)):
         predictive = Predictive(monteclora, num_samples, seed=0, vectorize=vectorize)

@@ -34,6 +34,8 @@ __all__ = [
     "tokenize_classification",
     "tokenize_causal_lm",
     "Collator",
+    "encode_texts",
+    "pad_token_id",
     "format_instruction",
     "DataLike",
 ]
@@ -119,10 +121,26 @@ def tokenize_classification(
         raise ValueError("the dataset is empty: it needs at least one example")
     _require_columns(data, [("text", "label")], "classification")
     labels = [_label_id(v, num_labels, label2id, row) for row, v in enumerate(data["label"])]
-    pair = list(data["text_pair"]) if "text_pair" in data.column_names else None
-    encoded = tokenizer(list(data["text"]), pair, truncation=True, max_length=max_length)
+    pairs = list(data["text_pair"]) if "text_pair" in data.column_names else None
+    encoded = encode_texts(tokenizer, list(data["text"]), pairs, max_length)
+    return [{**example, "label": label} for example, label in zip(encoded, labels)]
+
+
+def encode_texts(
+    tokenizer: Any, texts: list[str], pairs: Optional[list[str]], max_length: int
+) -> list[dict[str, list[int]]]:
+    """Tokenize texts (and optional second segments) into per-example model inputs."""
+    encoded = tokenizer(texts, pairs, truncation=True, max_length=max_length)
     keys = [k for k in encoded.keys() if k in ("input_ids", "attention_mask", "token_type_ids")]
-    return [{**{k: encoded[k][i] for k in keys}, "label": labels[i]} for i in range(len(labels))]
+    return [{k: encoded[k][i] for k in keys} for i in range(len(texts))]
+
+
+def pad_token_id(tokenizer: Any) -> int:
+    """The id batches are padded with: the pad token, else the eos token."""
+    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if value is not None:
+            return value
+    raise ValueError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
 
 
 def _label_id(value: Any, num_labels: int, label2id: Optional[dict], row: int) -> int:

@@ -28,11 +28,10 @@ import torch
 from datasets import Dataset, DatasetDict
 
 from .calibration import calibration_metrics
-from .data import DataLike, load_data, tokenize_classification
+from .data import DataLike, load_data, pad_token_id, tokenize_classification
 from .predictive import (
     Predictive,
     _batches,
-    _pad_id,
     _tokenizer,
     instruction_choices,
     multiple_choice,
@@ -76,7 +75,7 @@ def evaluation_outputs(
         outputs = {}
         for name, mode in (("mean", "mean"), ("predictive", "sample")):
             predictive = Predictive(monteclora, num_samples, seed, mode, vectorize=vectorize)
-            parts = [predictive(b) for b in _batches(examples, _pad_id(tokenizer), batch_size)]
+            parts = [predictive(b) for b in _batches(examples, pad_token_id(tokenizer), batch_size)]
             outputs[name] = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         return {"labels": labels, **outputs}
     if "instruction" not in data.column_names:

@@ -26,7 +26,15 @@ from .layers import LayerGroup, attach_lora
 from .models import MonteCLoRAModel
 from .models.model import NON_INPUT_KEYS
 
-__all__ = ["MonteCLoRA", "infer_task"]
+__all__ = ["MonteCLoRA", "infer_task", "device_of"]
+
+
+def device_of(module: Any) -> torch.device:
+    """Device of a module's first parameter (CPU for a module without parameters)."""
+    try:
+        return next(module.parameters()).device
+    except (AttributeError, StopIteration):
+        return torch.device("cpu")
 
 
 def infer_task(model: nn.Module) -> str:

@@ -40,11 +40,12 @@ import pyro.poutine as poutine
 import torch
 from torch import nn
 
-from .data import Collator, format_instruction
+from .data import Collator, encode_texts, format_instruction, pad_token_id
 from .layers import noise_context
 from .models.likelihood import IGNORE_INDEX
 from .models.model import NON_INPUT_KEYS
 from .models.prior import site_names
+from .monteclora import device_of
 
 __all__ = [
     "Predictive",
@@ -61,13 +62,6 @@ MODES = ("sample", "mean")
 
 
 # --- small private helpers -------------------------------------------------------------------
-
-
-def _device(module: nn.Module) -> torch.device:
-    try:
-        return next(module.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
 
 
 @contextlib.contextmanager
@@ -219,7 +213,7 @@ class Predictive(nn.Module):
     def sample_logits(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Per-draw logits ``(S, n, ...)`` (``S = 1`` for the mean adapter)."""
         monteclora = self.monteclora
-        device = _device(monteclora)
+        device = device_of(monteclora)
         inputs = _inputs(batch, device)
         network = monteclora.network
         with _eval_mode(monteclora):
@@ -271,13 +265,6 @@ def _tokenizer(monteclora: Any, tokenizer: Any) -> Any:
     return tokenizer
 
 
-def _pad_id(tokenizer: Any) -> int:
-    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if value is not None:
-            return value
-    raise ValueError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
-
-
 def _classification_examples(monteclora: Any, data: Any, tokenizer: Any) -> list[dict]:
     """Tokenized examples from strings, rows with ``text`` (and ``text_pair``) or tokenized rows."""
     rows = list(data) if not isinstance(data, str) else [data]
@@ -289,10 +276,8 @@ def _classification_examples(monteclora: Any, data: Any, tokenizer: Any) -> list
     if not rows or not all(isinstance(r, Mapping) and "text" in r for r in rows):
         raise ValueError("predict() needs strings, rows with a 'text' column, or tokenized rows with 'input_ids'")
     tokenizer = _tokenizer(monteclora, tokenizer)
-    pair = [r["text_pair"] for r in rows] if "text_pair" in rows[0] else None
-    encoded = tokenizer([r["text"] for r in rows], pair, truncation=True, max_length=monteclora.config.max_length)
-    keys = [k for k in encoded.keys() if k in ("input_ids", "attention_mask", "token_type_ids")]
-    return [{k: encoded[k][i] for k in keys} for i in range(len(rows))]
+    pairs = [r["text_pair"] for r in rows] if "text_pair" in rows[0] else None
+    return encode_texts(tokenizer, [r["text"] for r in rows], pairs, monteclora.config.max_length)
 
 
 def _batches(examples: list[dict], pad_id: int, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
@@ -326,7 +311,7 @@ def predict(
                          "sequence_log_likelihood() for a causal LM")
     examples = _classification_examples(monteclora, data, tokenizer)
     known = tokenizer if tokenizer is not None else getattr(monteclora, "tokenizer", None)
-    pad = _pad_id(known) if known is not None else 0  # pre-tokenized rows without a tokenizer
+    pad = pad_token_id(known) if known is not None else 0  # pre-tokenized rows without a tokenizer
     predictive = Predictive(monteclora, num_samples, seed, mode, return_samples, vectorize)
     parts = [predictive(batch) for batch in _batches(examples, pad, batch_size)]
     return {k: torch.cat([p[k] for p in parts], dim=1 if k == "sample_probs" else 0) for k in parts[0]}
@@ -395,7 +380,7 @@ def sequence_log_likelihood(
     tokenizer = _tokenizer(monteclora, tokenizer)
     examples = _scored_examples(tokenizer, [_prompt_text(p) for p in prompts], completions, append_eos)
     predictive = Predictive(monteclora, num_samples, seed, mode, vectorize=vectorize)
-    per_draw = _sample_scores(predictive, examples, _pad_id(tokenizer), batch_size).double()
+    per_draw = _sample_scores(predictive, examples, pad_token_id(tokenizer), batch_size).double()
     return (torch.logsumexp(per_draw, 0) - math.log(per_draw.shape[0])).float()
 
 
@@ -442,7 +427,7 @@ def multiple_choice(
         tokenizer, [t for t in texts for _ in range(k)], [c for cands in per_prompt for c in cands], append_eos
     )
     predictive = Predictive(monteclora, num_samples, seed, mode, vectorize=vectorize)
-    scores = _sample_scores(predictive, examples, _pad_id(tokenizer), batch_size)  # (S, n * K)
+    scores = _sample_scores(predictive, examples, pad_token_id(tokenizer), batch_size)  # (S, n * K)
     scores = scores.reshape(scores.shape[0], n, k)
     out = predictive_summary(torch.log_softmax(scores, dim=-1), return_samples)
     out["sample_log_likelihood"] = scores

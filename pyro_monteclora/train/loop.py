@@ -37,12 +37,13 @@ from ..data import (
     DataLike,
     IndexedExamples,
     load_data,
+    pad_token_id,
     split_data,
     tokenize_causal_lm,
     tokenize_classification,
 )
 from ..models.likelihood import IGNORE_INDEX
-from ..monteclora import MonteCLoRA
+from ..monteclora import MonteCLoRA, device_of
 from .elbo import ELBOLoss
 
 __all__ = ["train", "TrainResult", "evaluate_mean"]
@@ -105,7 +106,7 @@ def train(
         from ..io import check_output_folder
 
         check_output_folder(os.path.abspath(config.output_dir), overwrite=False)
-    device = _device_of(model)
+    device = device_of(model)
     cuda_devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda_devices):
         torch.manual_seed(config.seed)
@@ -126,13 +127,6 @@ def train(
     return result
 
 
-def _device_of(model: Any) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except (AttributeError, StopIteration):
-        return torch.device("cpu")
-
-
 def _load_tokenizer(monteclora: MonteCLoRA) -> Any:
     path = getattr(getattr(monteclora.network, "config", None), "_name_or_path", "")
     try:
@@ -141,14 +135,6 @@ def _load_tokenizer(monteclora: MonteCLoRA) -> Any:
         raise ValueError(
             f"no tokenizer found beside the model (name_or_path={path!r}); pass tokenizer=..."
         ) from error
-
-
-def _pad_id(tokenizer: Any) -> int:
-    if tokenizer.pad_token_id is not None:
-        return tokenizer.pad_token_id
-    if tokenizer.eos_token_id is not None:
-        return tokenizer.eos_token_id
-    raise ValueError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
 
 
 def _tokenize(monteclora: MonteCLoRA, data, tokenizer: Any, config: MonteCLoRAConfig) -> list[dict]:
@@ -167,7 +153,7 @@ def _loader(examples: list[dict], tokenizer: Any, batch_size: int, shuffle: bool
         batch_size=batch_size,
         shuffle=shuffle,
         generator=generator,
-        collate_fn=Collator(_pad_id(tokenizer)),
+        collate_fn=Collator(pad_token_id(tokenizer)),
     )
 
 
@@ -189,7 +175,7 @@ def _fit(
             "step's adapter draw is released and silently use the mean adapter; call "
             "model.gradient_checkpointing_disable() before training"
         )
-    device = _device_of(monteclora)
+    device = device_of(monteclora)
     loader = _loader(train_examples, tokenizer, config.batch_size, shuffle=True, seed=config.seed)
     eval_loader = _loader(eval_examples, tokenizer, config.batch_size, False, config.seed) if eval_examples else None
     dataset_size = len(train_examples)
@@ -250,7 +236,7 @@ def evaluate_mean(monteclora: MonteCLoRA, loader: DataLoader) -> dict[str, float
     """Accuracy and NLL of the mean adapter (per example; per target token for causal LM)."""
     was_training = monteclora.training
     monteclora.eval()
-    device = _device_of(monteclora)
+    device = device_of(monteclora)
     total_nll, correct, count = 0.0, 0, 0
     for batch in loader:
         batch = _to(batch, device)
