@@ -35,6 +35,7 @@ __all__ = [
     "tokenize_causal_lm",
     "Collator",
     "encode_texts",
+    "encode_prompt_completion",
     "pad_token_id",
     "format_instruction",
     "DataLike",
@@ -193,19 +194,34 @@ def tokenize_causal_lm(data: Dataset, tokenizer: Any, max_length: int) -> list[d
         data, [("instruction", "output"), ("prompt", "completion"), ("messages",)], "causal LM"
     )
     pairs = [_prompt_and_target(row, columns, tokenizer) for row in data]
-    prompts = tokenizer([p for p, _ in pairs])["input_ids"]
-    targets = tokenizer([t for _, t in pairs], add_special_tokens=False)["input_ids"]
-    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
     examples = []
-    for prompt, target in zip(prompts, targets):
-        ids = (prompt + target + eos)[:max_length]
-        labels = ([IGNORE_INDEX] * len(prompt) + target + eos)[:max_length]
-        if any(label != IGNORE_INDEX for label in labels[1:]):
-            examples.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
+    for example in encode_prompt_completion(tokenizer, [p for p, _ in pairs], [t for _, t in pairs]):
+        example = {key: values[:max_length] for key, values in example.items()}
+        if any(label != IGNORE_INDEX for label in example["labels"][1:]):
+            examples.append(example)
     if not examples:
         raise ValueError(
             f"no example keeps any target token within max_length={max_length}; raise max_length"
         )
+    return examples
+
+
+def encode_prompt_completion(
+    tokenizer: Any, prompts: list[str], completions: list[str], append_eos: bool = True
+) -> list[dict[str, list[int]]]:
+    """``input_ids`` = prompt + completion (+ eos), ``labels`` = ``IGNORE_INDEX`` on the prompt.
+
+    The prompt gets the tokenizer's special tokens, the completion none; eos (if the tokenizer
+    has one and ``append_eos``) ends the scored part, so a model learns to stop.
+    """
+    prompt_ids = tokenizer(list(prompts))["input_ids"]
+    target_ids = tokenizer(list(completions), add_special_tokens=False)["input_ids"]
+    eos = [tokenizer.eos_token_id] if append_eos and tokenizer.eos_token_id is not None else []
+    examples = []
+    for prompt, target in zip(prompt_ids, target_ids):
+        ids = prompt + target + eos
+        labels = [IGNORE_INDEX] * len(prompt) + target + eos
+        examples.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
     return examples
 
 

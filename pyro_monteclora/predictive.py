@@ -40,7 +40,7 @@ import pyro.poutine as poutine
 import torch
 from torch import nn
 
-from .data import Collator, encode_texts, format_instruction, pad_token_id
+from .data import Collator, encode_prompt_completion, encode_texts, format_instruction, pad_token_id
 from .layers import noise_context
 from .models.likelihood import IGNORE_INDEX
 from .models.model import NON_INPUT_KEYS
@@ -332,17 +332,9 @@ def _prompt_text(prompt: Union[str, Mapping[str, Any]]) -> str:
 
 def _scored_examples(tokenizer: Any, prompts: Sequence[str], completions: Sequence[str], append_eos: bool) -> list[dict]:
     """``input_ids`` = prompt + completion (+ eos), ``labels`` = IGNORE on the prompt: as in training."""
-    prompt_ids = tokenizer(list(prompts))["input_ids"]
-    target_ids = tokenizer(list(completions), add_special_tokens=False)["input_ids"]
-    eos = [tokenizer.eos_token_id] if append_eos and tokenizer.eos_token_id is not None else []
-    examples = []
-    for prompt, target in zip(prompt_ids, target_ids):
-        ids = prompt + target + eos
-        if not target + eos:
-            raise ValueError("an empty completion (and no eos token) has nothing to score")
-        examples.append(
-            {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": [IGNORE_INDEX] * len(prompt) + target + eos}
-        )
+    examples = encode_prompt_completion(tokenizer, list(prompts), list(completions), append_eos)
+    if any(all(label == IGNORE_INDEX for label in e["labels"]) for e in examples):
+        raise ValueError("an empty completion (and no eos token) has nothing to score")
     return examples
 
 
