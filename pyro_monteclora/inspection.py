@@ -32,6 +32,7 @@ from pyro.poutine.util import site_is_subsample
 import torch
 
 from .layers import StochasticLoraA
+from .monteclora import device_of
 from .models.prior import site_names
 from .predictive import _seeded, draw_latents
 
@@ -40,7 +41,7 @@ __all__ = ["render_model", "render_model_text", "model_relations", "summary", "f
 
 def tiny_batch(monteclora: Any) -> dict[str, torch.Tensor]:
     """A one-example, two-token batch with labels, enough to trace the model."""
-    device = next(monteclora.parameters()).device
+    device = device_of(monteclora)
     ids = torch.zeros(1, 2, dtype=torch.long, device=device)
     labels = torch.zeros(1, dtype=torch.long, device=device) if monteclora.task == "classification" else ids.clone()
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
@@ -189,7 +190,7 @@ def summary(monteclora: Any, num_samples: int = 16, seed: Optional[int] = 0) -> 
     Monte Carlo estimate from ``num_samples`` guide draws, seeded) and per layer in
     ``noise_share_per_layer``; ``extra_parameters`` (the guide's parameters, ``(r + N)`` per layer).
     """
-    device = next(monteclora.parameters()).device
+    device = device_of(monteclora)
     with _seeded(seed, device):
         noise = monteclora.model.noise(draw_latents(monteclora, num_samples))
     weights_of_a = {}

@@ -95,7 +95,7 @@ class MonteCLoRA(nn.Module):
             if quantization_of(model) is None:
                 model = quantize_base(model, config.quantization, exclude=config.modules_to_save)
         network, groups = attach_lora(model, config, task)
-        device = next(network.parameters()).device
+        device = device_of(network)
         return cls(network, groups, config, task, tokenizer).to(device)
 
     @property
