@@ -123,7 +123,7 @@ def _arc_items(name: str, split: str) -> list[tuple[str, list[str], int]]:
 
 def load_task(name: str, train_size: int, test_size: int, seed: int = 0) -> Task:
     """One of ``vader``, ``boolq``, ``arc`` with ``train_size`` training examples (pairs for
-    ``arc``: ``train_size`` // 4 questions) and ``test_size`` test examples (questions for arc)."""
+    ``arc``: ``train_size`` // 2 questions) and ``test_size`` test examples (questions for arc)."""
     rng = np.random.default_rng(seed)
     if name == "vader":
         data = load_vader(seed=seed, test_size=test_size, train_size=train_size)
@@ -148,26 +148,29 @@ def load_task(name: str, train_size: int, test_size: int, seed: int = 0) -> Task
     if name == "arc":
         train_items = _arc_items("ARC-Easy", "train")
         test_items = _arc_items("ARC-Easy", "test")
-        train_items = [train_items[i] for i in rng.permutation(len(train_items))[: train_size // 4]]
+        train_items = [train_items[i] for i in rng.permutation(len(train_items))[: train_size // 2]]
         test_items = [test_items[i] for i in rng.permutation(len(test_items))[:test_size]]
-        # one text "question [SEP] option" (pyro_monteclora.data's text_pair path fails on
-        # datasets >= 4 Columns, see the benchmarks README)
-        sep = tokenizer().sep_token
+        # training: each question's correct option and one wrong option drawn at random, so the
+        # binary labels are balanced (all 3 wrong options would make "wrong" a 75% majority that
+        # the small budget collapses to) and each question costs 2 sequences, not 4; the test
+        # scores all 4 options. The question is the second segment so that truncation
+        # (longest_first) trims the question, never the option.
+        def pairs(items, all_options):
+            rows = []
+            for q, opts, a in items:
+                ks = range(4) if all_options else [a, int(rng.choice([k for k in range(4) if k != a]))]
+                rows += [{"text": opts[k], "text_pair": q, "label": int(k == a)} for k in ks]
+            return rows
 
-        def pairs(items):
-            return [
-                {"text": f"{q} {sep} {o}", "label": int(k == a)} for q, opts, a in items for k, o in enumerate(opts)
-            ]
-
-        train_rows, test_rows = pairs(train_items), pairs(test_items)
+        train_rows, test_rows = pairs(train_items, False), pairs(test_items, True)
         return Task(
             "arc",
             Dataset.from_list(train_rows),
             Dataset.from_list(test_rows),
-            max_length=64,
+            max_length=48,
             group_size=4,
             answers=np.asarray([a for _, _, a in test_items]),
-            description="ARC-Easy: (question, option) -> correct? scored as 4-way softmax of option log-odds",
+            description="ARC-Easy: (option, question) -> correct? (correct + 1 random wrong option per training question), scored as the 4-way softmax of the options' log-odds",
         )
     raise ValueError(f"unknown task {name!r}; use vader, boolq or arc")
 
