@@ -150,7 +150,7 @@ def load_task(name: str, train_size: int, test_size: int, seed: int = 0) -> Task
     if name == "arc":
         # only questions whose every (option, question) pair fits ARC_MAX_TOKENS: a 32-token
         # batch costs about half a 48-token one, so the same CPU budget trains on twice the
-        # questions (~70% of ARC-Easy qualifies; the subset is easier than the full test set)
+        # questions. The filtered subset is not the full ARC-Easy distribution (short questions).
         def short(items):
             tok = tokenizer()
             return [it for it in items if max(len(tok(o, it[0])["input_ids"]) for o in it[1]) <= ARC_MAX_TOKENS]
@@ -162,8 +162,7 @@ def load_task(name: str, train_size: int, test_size: int, seed: int = 0) -> Task
         # training: each question's correct option and one wrong option drawn at random, so the
         # binary labels are balanced (all 3 wrong options would make "wrong" a 75% majority that
         # the small budget collapses to) and each question costs 2 sequences, not 4; the test
-        # scores all 4 options. The question is the second segment so that truncation
-        # (longest_first) trims the question, never the option.
+        # scores all 4 options.
         def pairs(items, all_options):
             rows = []
             for q, opts, a in items:
