@@ -34,6 +34,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 EVALS = ("lora", "peft_mc", "ours_mean", "ours_pp")
+# accuracies are ratios of counts: 72/200 - 62/200 is 0.0499999... in floating point, not 0.05
+TOL = 1e-9
 # Budget per task: plain LoRA at lr 1e-3 beats the majority class by > 5 points at budgets of
 # this size (measured: BoolQ 3000 balanced questions x 3 epochs -> 58.7% vs 50%; ARC-Easy 800
 # questions x 3 epochs -> 37.5% vs 32.0%), and the 90 runs fit in < 90 min on 2 worker processes.
@@ -186,13 +188,13 @@ def targets(summary: dict, tasks: list[str]) -> list[str]:
             continue
         lora, peft, pp, mean = (summary[(task, m)] for m in ("lora", "peft_mc", "ours_pp", "ours_mean"))
         lines.append(f"| LoRA best beats majority by ≥ 5 pts | {task} | {100 * lora['best']:.1f} vs "
-                     f"{100 * lora['majority']:.1f} | {'yes' if lora['best'] - lora['majority'] >= 0.05 else 'no'} |")
+                     f"{100 * lora['majority']:.1f} | {'yes' if lora['best'] - lora['majority'] >= 0.05 - TOL else 'no'} |")
         ratio = pp["spread"] / max(lora["spread"], 1e-9)
         spread_wins += ratio <= 0.5
         lines.append(f"| spread ≤ 0.5 × LoRA's (posterior predictive) | {task} | {100 * pp['spread']:.1f} / "
                      f"{100 * lora['spread']:.1f} = {ratio:.2f} | {'yes' if ratio <= 0.5 else 'no'} |")
         for name, s in (("posterior predictive", pp), ("mean adapter", mean)):
-            ok = s["best"] >= lora["best"] - 0.005
+            ok = s["best"] >= lora["best"] - 0.005 - TOL
             lines.append(f"| best acc ≥ LoRA best − 0.5 pts ({name}) | {task} | {100 * s['best']:.1f} vs "
                          f"{100 * lora['best']:.1f} | {'yes' if ok else 'no'} |")
         for metric in ("ece", "nll"):
