@@ -38,7 +38,8 @@ EVALS = ("lora", "peft_mc", "ours_mean", "ours_pp")
 TOL = 1e-9
 # Budget per task: plain LoRA at lr 1e-3 beats the majority class by > 5 points at budgets of
 # this size (measured: BoolQ 3000 balanced questions x 3 epochs -> 58.7% vs 50%; ARC-Easy 800
-# questions x 3 epochs -> 37.5% vs 32.0%), and the 90 runs fit in < 90 min on 2 worker processes.
+# questions x 3 epochs -> 37.5% vs 32.0%), and the 90 runs fit in < 90 min on 2 worker processes
+# (measured: 71 min).
 # ARC is the costly task: a 32 x 32-token step takes ~1.8 s on one of two busy cores (VADER's
 # words ~0.25 s), and the posterior predictive scores each test pair once per draw, so ARC gets
 # 500 training questions x 2 epochs, 200 test questions and S = 4 draws.
@@ -49,6 +50,8 @@ FULL = dict(
     epochs={"vader": 3, "boolq": 3, "arc": 2},
     num_draws={"vader": 8, "boolq": 8, "arc": 4},
 )
+# --quick: < 10 min. VADER and BoolQ only by default (`--tasks vader boolq arc` adds ARC), 3 lrs,
+# one batch size, small sets and S = 4: a smoke test of the sweep, too small to compare methods.
 QUICK = dict(
     lrs=[1e-4, 1e-3, 1e-2],
     batch_sizes=[32],
