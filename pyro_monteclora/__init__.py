@@ -1,13 +1,11 @@
 r"""pyro_monteclora: MonteCLoRA (Bayesian LoRA) as an explicit Pyro model, guide and SVI loop.
 
 Example:
-    >>> import os, tempfile, torch
+    >>> import torch
     >>> import pyro_monteclora
-    >>> from pyro_monteclora.testing import tiny_bert, toy_sentiment
-    >>> from transformers import BertTokenizerFast
-    >>> vocab = os.path.join(tempfile.mkdtemp(), "vocab.txt")
-    >>> _ = open(vocab, "w").write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "the", "is", "good", "bad"]))
-    >>> result = pyro_monteclora.train(tiny_bert(vocab_size=8), toy_sentiment(16), tokenizer=BertTokenizerFast(vocab),
+    >>> from pyro_monteclora.testing import tiny_bert, toy_sentiment, toy_tokenizer
+    >>> tokenizer = toy_tokenizer(["the", "is", "good", "bad"])
+    >>> result = pyro_monteclora.train(tiny_bert(vocab_size=8), toy_sentiment(16), tokenizer=tokenizer,
     ...                                num_epochs=1, batch_size=8, lora_r=4, progress=False)
     >>> sorted(result.history[-1])
     ['cooperative', 'epoch', 'kl', 'loss', 'lr', 'nll', 'step']

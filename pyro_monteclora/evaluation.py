@@ -8,14 +8,10 @@ training); for a causal LM it holds multiple-choice instruction rows (``instruct
 
 Example:
     >>> from pyro_monteclora import MonteCLoRA
-    >>> from pyro_monteclora.testing import tiny_bert
-    >>> from transformers import BertTokenizerFast
-    >>> import tempfile, os
-    >>> folder = tempfile.mkdtemp(); vocab = os.path.join(folder, "vocab.txt")
-    >>> _ = open(vocab, "w").write("\\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "good", "bad"]))
+    >>> from pyro_monteclora.testing import tiny_bert, toy_tokenizer
     >>> mc = MonteCLoRA.from_model(tiny_bert(vocab_size=6), lora_r=4)
     >>> data = [{"text": "good", "label": 1}, {"text": "bad", "label": 0}]
-    >>> result = evaluate(mc, data, num_samples=2, tokenizer=BertTokenizerFast(vocab))
+    >>> result = evaluate(mc, data, num_samples=2, tokenizer=toy_tokenizer(["good", "bad"]))
     >>> sorted(result), sorted(result["predictive"])
     (['mean', 'predictive'], ['accuracy', 'brier', 'ece', 'nll'])
 """

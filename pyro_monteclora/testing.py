@@ -8,10 +8,15 @@ Example:
 
 from __future__ import annotations
 
-import torch
-from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
+import os
+import tempfile
+from collections.abc import Sequence
+from typing import Optional
 
-__all__ = ["tiny_bert", "tiny_llama", "toy_sentiment", "nonzero_lora_b", "TOY_WORDS"]
+import torch
+from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast, LlamaConfig, LlamaForCausalLM
+
+__all__ = ["tiny_bert", "tiny_llama", "toy_sentiment", "toy_tokenizer", "nonzero_lora_b", "TOY_WORDS"]
 
 TOY_WORDS = ["good", "great", "nice", "happy", "bad", "awful", "sad", "ugly", "the", "is", "positive", "negative"]
 
@@ -62,6 +67,21 @@ def toy_sentiment(n: int = 64) -> list[dict]:
         word = (positive if label else negative)[(i // 2) % 4]
         rows.append({"text": f"the {word}" if i % 3 else f"{word} is", "label": label})
     return rows
+
+
+def toy_tokenizer(words: Sequence[str] = TOY_WORDS, folder: Optional[str] = None) -> BertTokenizerFast:
+    """A BERT WordPiece tokenizer over ``[PAD] [UNK] [CLS] [SEP]`` + ``words``, ids in that order
+    (no hub access). Its ``vocab.txt`` is written to ``folder`` (default: a new temporary folder).
+
+    Example:
+        >>> toy_tokenizer(["good", "bad"])("good bad")["input_ids"]
+        [2, 4, 5, 3]
+    """
+    folder = folder if folder is not None else tempfile.mkdtemp(prefix="toy_tokenizer_")
+    vocab = os.path.join(folder, "vocab.txt")
+    with open(vocab, "w", encoding="utf-8") as handle:
+        handle.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *words]) + "\n")
+    return BertTokenizerFast(vocab)
 
 
 def nonzero_lora_b(network: torch.nn.Module, std: float = 0.5, seed: int = 1) -> None:

@@ -14,6 +14,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(REPO, "..", "shared", "data")
 
 from pyro_monteclora.testing import TOY_WORDS as WORDS
+from pyro_monteclora.testing import toy_tokenizer
 
 
 @pytest.fixture(autouse=True)
@@ -28,12 +29,7 @@ def _clean_pyro():
 @pytest.fixture(scope="session")
 def word_tokenizer(tmp_path_factory):
     """A BERT WordPiece tokenizer over a 16-token vocabulary (no hub access)."""
-    from transformers import BertTokenizerFast
-
-    folder = tmp_path_factory.mktemp("tokenizer")
-    vocab = folder / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + WORDS) + "\n")
-    return BertTokenizerFast(str(vocab))
+    return toy_tokenizer(WORDS, str(tmp_path_factory.mktemp("tokenizer")))
 
 
 @pytest.fixture(scope="session")

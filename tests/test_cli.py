@@ -14,7 +14,7 @@ import torch
 
 from pyro_monteclora import MonteCLoRAConfig
 from pyro_monteclora.cli import _config_overrides, build_parser
-from pyro_monteclora.testing import TOY_WORDS, tiny_bert, toy_sentiment
+from pyro_monteclora.testing import TOY_WORDS, tiny_bert, toy_sentiment, toy_tokenizer
 
 SCRIPT = os.path.join(os.path.dirname(sys.executable), "pyro-monteclora")
 COMMAND = [SCRIPT] if os.path.isfile(SCRIPT) else [sys.executable, "-m", "pyro_monteclora.cli"]
@@ -40,12 +40,8 @@ def _finish(process, timeout=120):
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    from transformers import BertTokenizerFast
-
     root = tmp_path_factory.mktemp("cli")
-    vocab = root / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + TOY_WORDS) + "\n")
-    tokenizer = BertTokenizerFast(str(vocab))
+    tokenizer = toy_tokenizer(TOY_WORDS, str(root))
     tiny_bert(vocab_size=len(tokenizer)).save_pretrained(root / "base")
     tokenizer.save_pretrained(root / "base")
     data = root / "data"

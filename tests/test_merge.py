@@ -6,12 +6,12 @@ import os
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BertTokenizerFast
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from pyro_monteclora import MonteCLoRA
 from pyro_monteclora.io import save_pretrained
 from pyro_monteclora.merge import merge
-from pyro_monteclora.testing import TOY_WORDS, nonzero_lora_b, tiny_bert, tiny_llama
+from pyro_monteclora.testing import TOY_WORDS, nonzero_lora_b, tiny_bert, tiny_llama, toy_tokenizer
 
 BATCH = {"input_ids": torch.tensor([[2, 5, 7, 3]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
 
@@ -52,10 +52,7 @@ def test_exactly_one_target(tmp_path):
 
 
 def test_pad_to_multiple_of_resizes_embeddings(tmp_path):
-    vocab = tmp_path / "vocab.txt"
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"] + TOY_WORDS + [f"w{i}" for i in range(60)]  # 76 > 64 tokens
-    vocab.write_text("\n".join(words) + "\n")
-    tokenizer = BertTokenizerFast(str(vocab))
+    tokenizer = toy_tokenizer(TOY_WORDS + [f"w{i}" for i in range(60)], str(tmp_path))  # 76 > 64 tokens
     base, adapter, _ = _base_and_adapter(tmp_path, tiny_bert, tokenizer)
     out = merge(base, adapter, output_folder=str(tmp_path / "merged"), pad_to_multiple_of=32)
     merged = AutoModelForSequenceClassification.from_pretrained(out)

@@ -23,7 +23,7 @@ from pyro_monteclora.predictive import (
     predictive_summary,
     sequence_log_likelihood,
 )
-from pyro_monteclora.testing import tiny_bert, tiny_llama
+from pyro_monteclora.testing import tiny_bert, tiny_llama, toy_tokenizer
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "commonsense")
 
@@ -221,13 +221,9 @@ def test_instruction_choices_on_the_commonsense_rows():
 
 
 def test_evaluate_a_classifier_and_a_causal_lm(bert, llama, tmp_path):
-    from transformers import BertTokenizerFast
-
-    vocab = tmp_path / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "good", "bad", "film"]) + "\n")
     data = [{"text": "good film", "label": 1}, {"text": "bad film", "label": 0}, {"text": "good", "label": 1}]
     state = torch.get_rng_state()
-    result = evaluate(bert, data, num_samples=3, batch_size=2, tokenizer=BertTokenizerFast(str(vocab)))
+    result = evaluate(bert, data, num_samples=3, batch_size=2, tokenizer=toy_tokenizer(["good", "bad", "film"]))
     assert torch.equal(torch.get_rng_state(), state)
     assert set(result) == {"mean", "predictive"}
     assert set(result["mean"]) == {"accuracy", "nll", "brier", "ece"}

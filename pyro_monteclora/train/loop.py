@@ -7,13 +7,9 @@ idiom of Pyro's ``examples/svi_torch.py``, so no parameter lives in Pyro's globa
 
 Example:
     >>> from pyro_monteclora import train
-    >>> from pyro_monteclora.testing import tiny_bert
-    >>> from transformers import BertTokenizerFast
-    >>> import tempfile, os
-    >>> folder = tempfile.mkdtemp(); vocab = os.path.join(folder, "vocab.txt")
-    >>> _ = open(vocab, "w").write("\\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "good", "bad"]))
+    >>> from pyro_monteclora.testing import tiny_bert, toy_tokenizer
     >>> data = [{"text": "good", "label": 1}, {"text": "bad", "label": 0}] * 8
-    >>> result = train(tiny_bert(vocab_size=6), data, tokenizer=BertTokenizerFast(vocab),
+    >>> result = train(tiny_bert(vocab_size=6), data, tokenizer=toy_tokenizer(["good", "bad"]),
     ...                num_epochs=1, batch_size=4, progress=False)
     >>> len(result.history)
     4
