@@ -31,7 +31,7 @@ from pyro_monteclora.predictive import Predictive, _batches
 
 def timing(monteclora, tokenizer, texts, num_samples: int, repeats: int) -> dict[str, float]:
     """Median seconds of one predictive call on a batch, vectorized and as a loop of forwards."""
-    encoded = tokenizer(texts, truncation=True, max_length=monteclora.config.max_length)
+    encoded = tokenizer(texts, truncation=True, max_length=monteclora.monteclora_config.max_length)
     examples = [{k: encoded[k][i] for k in ("input_ids", "attention_mask", "token_type_ids") if k in encoded}
                 for i in range(len(texts))]
     batch = next(_batches(examples, pad_token_id(tokenizer), len(examples)))
@@ -85,7 +85,7 @@ def main() -> None:
 
     print(f"MiniLM + MonteCLoRA on VADER: {args.train_size} train words, {args.epochs} epochs "
           f"({train_seconds:.0f} s), {len(test)} test words, S = {args.num_samples} "
-          f"(evaluation {eval_seconds:.0f} s), epsilon = {monteclora.config.sample_scaler:g}")
+          f"(evaluation {eval_seconds:.0f} s), epsilon = {monteclora.monteclora_config.sample_scaler:g}")
     print(f"{'':<12}{'accuracy':>10}{'NLL':>9}{'ECE':>9}{'Brier':>9}")
     for name in ("mean", "predictive"):
         m = calibration_metrics(outputs[name]["probs"], labels)

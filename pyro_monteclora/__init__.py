@@ -22,7 +22,7 @@ from .inspection import format_summary, render_model, render_model_text, summary
 from .io import load, save_pretrained, save_result
 from .monteclora import MonteCLoRA
 from .predictive import Predictive, multiple_choice, predict, sequence_log_likelihood
-from .train import TrainResult
+from .train import MonteCLoRATrainer, MonteCLoRATrainerMixin, TrainingDiverged, TrainResult
 
 __version__ = "0.1.0"
 
@@ -31,6 +31,9 @@ __all__ = [
     "MonteCLoRA",
     "TrainResult",
     "train",
+    "MonteCLoRATrainer",
+    "MonteCLoRATrainerMixin",
+    "TrainingDiverged",
     "load",
     "save_pretrained",
     "save_result",

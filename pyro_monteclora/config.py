@@ -24,6 +24,7 @@ from typing import Any, Optional, Union
 TASKS = ("auto", "classification", "causal_lm")
 SCHEDULERS = ("constant", "linear", "cosine")
 QUANTIZATIONS = (None, "int4", "int8")
+MIXED_PRECISIONS = (None, "bf16", "fp16")
 
 
 @dataclass
@@ -61,15 +62,29 @@ class MonteCLoRAConfig:
         task: ``"classification"``, ``"causal_lm"`` or ``"auto"`` (from the model class).
         learning_rate: AdamW learning rate for A, B, the head and the variational parameters.
         num_epochs: passes over the training data.
-        batch_size: examples per step.
+        batch_size: examples per micro-batch on each process (Trainer's
+            ``per_device_train_batch_size``); an optimizer step sees ``batch_size *
+            gradient_accumulation_steps * processes`` examples.
+        gradient_accumulation_steps: micro-batches accumulated per optimizer step.
+        gradient_checkpointing: activation checkpointing of the transformer blocks. ``None``
+            turns it on for causal LMs and off for classifiers. The recomputed forward pass uses
+            exactly the adapter drawn for that step.
+        mixed_precision: ``None`` (float32), ``"bf16"`` or ``"fp16"`` autocast of the network;
+            the variational parameters, the Wishart and Dirichlet draws and the KLs stay float32.
+        save_steps: with ``output_dir`` set, write ``output_dir/checkpoint-<step>`` every this
+            many optimizer steps (``None``: no intermediate checkpoints).
+        save_total_limit: keep at most this many checkpoints (``None``: keep all).
         weight_decay: AdamW weight decay (on all trainable tensors).
-        lr_scheduler: ``"linear"`` decay to 0, ``"cosine"`` or ``"constant"``, after warm-up.
-        warmup_ratio: share of the steps with a linear warm-up of the learning rate.
+        lr_scheduler: ``"linear"`` decay towards 0, ``"cosine"`` or ``"constant"``, each after the
+            warm-up (``"constant"`` is transformers' ``constant_with_warmup``). No step runs at
+            learning rate 0: warm-up step ``k`` (from 0) uses ``(k + 1) / (warmup + 1)`` of it.
+        warmup_ratio: share of the optimizer steps with a linear warm-up of the learning rate.
         max_grad_norm: gradient clipping norm; ``None`` disables clipping.
         max_length: token limit per example (longer ones are truncated).
         seed: seed of everything random in a run (data order, LoRA init, noise, dropout).
         eval_every_epoch: evaluate on the evaluation split (if any) after each epoch.
-        log_every: steps between updates of the progress bar (and finiteness checks).
+        log_every: optimizer steps between log records (``TrainResult.history``), progress-bar
+            updates and divergence checks (Trainer's ``logging_steps``).
         quantization: load-time quantization of the base: ``None``, ``"int8"`` or ``"int4"``.
         output_dir: where :func:`train` saves its result (``None``: nothing is written).
         merge_adapter: save a merged model (base weights + mean adapter, loadable without this
@@ -109,7 +124,12 @@ class MonteCLoRAConfig:
     # --- training --------------------------------------------------------------------------
     learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate."})
     num_epochs: int = field(default=3, metadata={"help": "Passes over the training data."})
-    batch_size: int = field(default=16, metadata={"help": "Examples per step."})
+    batch_size: int = field(default=16, metadata={"help": "Examples per micro-batch and process."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    gradient_checkpointing: Optional[bool] = field(
+        default=None, metadata={"help": "Activation checkpointing (None: on for causal LMs, off for classifiers)."}
+    )
+    mixed_precision: Optional[str] = field(default=None, metadata={"help": "None, 'bf16' or 'fp16' autocast."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     lr_scheduler: str = field(default="linear", metadata={"help": "linear, cosine or constant."})
     warmup_ratio: float = field(default=0.03, metadata={"help": "Share of steps of warm-up."})
@@ -117,7 +137,11 @@ class MonteCLoRAConfig:
     max_length: int = field(default=256, metadata={"help": "Token limit per example."})
     seed: int = field(default=0, metadata={"help": "Seed of the whole run."})
     eval_every_epoch: bool = field(default=True, metadata={"help": "Evaluate after each epoch."})
-    log_every: int = field(default=10, metadata={"help": "Steps between progress-bar updates."})
+    log_every: int = field(default=10, metadata={"help": "Optimizer steps between log records and checks."})
+    save_steps: Optional[int] = field(
+        default=None, metadata={"help": "Checkpoint every this many steps into output_dir (None: none)."}
+    )
+    save_total_limit: Optional[int] = field(default=None, metadata={"help": "Checkpoints kept (None: all)."})
     quantization: Optional[str] = field(
         default=None, metadata={"help": "None, 'int8' or 'int4' quantization of the base."}
     )
@@ -130,7 +154,15 @@ class MonteCLoRAConfig:
     )
 
     def __post_init__(self) -> None:
-        _positive_int(self, "lora_r", "num_components", "num_epochs", "batch_size", "max_length", "log_every")
+        _positive_int(
+            self, "lora_r", "num_components", "num_epochs", "batch_size", "max_length", "log_every",
+            "gradient_accumulation_steps",
+        )
+        _positive_int_or_none(self, "save_steps", "save_total_limit")
+        if self.gradient_checkpointing not in (None, True, False):
+            raise ValueError(f"gradient_checkpointing must be None, True or False, got {self.gradient_checkpointing!r}")
+        if self.mixed_precision not in MIXED_PRECISIONS:
+            raise ValueError(f"mixed_precision must be one of {MIXED_PRECISIONS}, got {self.mixed_precision!r}")
         _positive(self, "lora_alpha", "sample_scaler", "dirichlet_concentration", "learning_rate")
         _non_negative(self, "kl_weight", "cooperative_weight", "weight_decay")
         if not 0.0 <= self.lora_dropout < 1.0:
@@ -198,6 +230,13 @@ def _positive_int(config: MonteCLoRAConfig, *names: str) -> None:
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _positive_int_or_none(config: MonteCLoRAConfig, *names: str) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
 
 
 def _positive(config: MonteCLoRAConfig, *names: str) -> None:

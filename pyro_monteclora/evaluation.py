@@ -65,7 +65,7 @@ def evaluation_outputs(
     if monteclora.task == "classification":
         config = monteclora.network.config
         examples = tokenize_classification(
-            data, tokenizer, monteclora.config.max_length, config.num_labels, getattr(config, "label2id", None)
+            data, tokenizer, monteclora.monteclora_config.max_length, config.num_labels, getattr(config, "label2id", None)
         )
         labels = torch.tensor([e["label"] for e in examples])
         outputs = {}

@@ -108,7 +108,7 @@ def render_model_text(monteclora: Any, batch: Optional[dict] = None, dataset_siz
     the model, exactly as one SVI step does.
     """
     model_trace, guide_trace = _traces(monteclora, batch, dataset_size)
-    config = monteclora.config
+    config = monteclora.monteclora_config
     groups = monteclora.groups
     lines = [
         f"MonteCLoRA model ({monteclora.task}): {len(groups)} layer groups, r = {config.lora_r}, "
@@ -197,7 +197,7 @@ def summary(monteclora: Any, num_samples: int = 16, seed: Optional[int] = 0) -> 
     for module in monteclora.network.modules():
         if isinstance(module, StochasticLoraA):
             weights_of_a[(id(module.noise_slot), module.noise_index)] = module.weight
-    df = monteclora.config.prior_wishart_df
+    df = monteclora.monteclora_config.prior_wishart_df
     rows = []
     for g in monteclora.groups:
         posterior = monteclora.guide.posteriors[g.name]

@@ -50,7 +50,6 @@ from .quantization import _is_quanto, dense_weight, quantization_of
 
 if TYPE_CHECKING:  # pragma: no cover
     from .monteclora import MonteCLoRA
-    from .train.loop import TrainResult
 
 __all__ = [
     "save_pretrained",
@@ -98,7 +97,7 @@ def _metadata(monteclora: "MonteCLoRA", metrics: Optional[dict]) -> dict[str, An
         "pyro_monteclora_version": _version(),
         "task": monteclora.task,
         "base_model_name_or_path": _base_name(monteclora),
-        "config": monteclora.config.to_dict(),
+        "config": monteclora.monteclora_config.to_dict(),
         "groups": [
             {"name": g.name, "in_features": g.in_features, "rank": g.rank, "module_names": list(g.module_names)}
             for g in monteclora.groups
@@ -117,10 +116,24 @@ def _write_json(path: str, value: Any) -> None:
         handle.write("\n")
 
 
+def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Refuse to write ``tensors`` if any is not finite (``ValueError`` naming the first one)."""
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(
+            f"refusing to save {what}: {len(bad)} tensor(s) hold nan or inf, first {bad[0]!r}; "
+            "the model diverged (lower the learning rate or sample_scaler); nothing was written"
+        )
+
+
 def _write_adapter(monteclora: "MonteCLoRA", folder: str, metrics: Optional[dict], card: bool) -> None:
+    from peft.utils import get_peft_model_state_dict
+
+    posterior = {k: v.detach().cpu().contiguous() for k, v in monteclora.guide.state_dict().items()}
+    check_finite(posterior, "the variational posterior")
+    check_finite(get_peft_model_state_dict(monteclora.network, adapter_name=ADAPTER_NAME), "the adapter")
     os.makedirs(folder, exist_ok=True)
     monteclora.network.save_pretrained(folder, safe_serialization=True)
-    posterior = {k: v.detach().cpu().contiguous() for k, v in monteclora.guide.state_dict().items()}
     save_file(posterior, os.path.join(folder, POSTERIOR_NAME), metadata={"format": "pt"})
     _write_json(os.path.join(folder, CONFIG_NAME), _metadata(monteclora, metrics))
     readme = os.path.join(folder, "README.md")
@@ -132,7 +145,7 @@ def _write_adapter(monteclora: "MonteCLoRA", folder: str, metrics: Optional[dict
 
 def _write_card(monteclora: "MonteCLoRA", folder: str, merged: bool, metrics: Optional[dict]) -> None:
     card = model_card(
-        monteclora.config,
+        monteclora.monteclora_config,
         base_model=_base_name(monteclora),
         task=monteclora.task,
         merged=merged,
@@ -143,10 +156,22 @@ def _write_card(monteclora: "MonteCLoRA", folder: str, merged: bool, metrics: Op
         handle.write(card)
 
 
-def _is_own_output(folder: str) -> bool:
-    return os.path.isfile(os.path.join(folder, CONFIG_NAME)) or os.path.isfile(
-        os.path.join(folder, ADAPTER_SUBFOLDER, CONFIG_NAME)
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+def _checkpoints_in(folder: str) -> list[str]:
+    return sorted(
+        e for e in os.listdir(folder) if e.startswith(CHECKPOINT_PREFIX) and os.path.isdir(os.path.join(folder, e))
     )
+
+
+def _is_own_output(folder: str) -> bool:
+    if os.path.isfile(os.path.join(folder, CONFIG_NAME)) or os.path.isfile(
+        os.path.join(folder, ADAPTER_SUBFOLDER, CONFIG_NAME)
+    ):
+        return True
+    entries = os.listdir(folder)
+    return bool(entries) and entries == _checkpoints_in(folder)  # only training checkpoints so far
 
 
 def check_output_folder(folder: str, overwrite: bool) -> None:
@@ -172,20 +197,40 @@ def _atomic_write(folder: PathLike, overwrite: bool, write: Any) -> str:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     backup = None
+    kept: list[str] = []
     if os.path.exists(folder):
         backup = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.old-", dir=parent)
         os.rmdir(backup)
         os.rename(folder, backup)
     try:
+        if backup is not None:  # training checkpoints stay with the output they belong to
+            for name in _checkpoints_in(backup):
+                os.rename(os.path.join(backup, name), os.path.join(tmp, name))
+                kept.append(name)
         os.rename(tmp, folder)
     except BaseException:
         if backup is not None:
+            for name in kept:
+                os.rename(os.path.join(tmp, name), os.path.join(backup, name))
             os.rename(backup, folder)
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if backup is not None:
         shutil.rmtree(backup, ignore_errors=True)
     return folder
+
+
+def write_checkpoint_files(monteclora: "MonteCLoRA", folder: PathLike, tokenizer: Any = None) -> None:
+    """Write the adapter files into an existing ``folder`` (a Trainer ``checkpoint-<step>``).
+
+    The folder then loads with :func:`load` like any adapter folder. Non-finite tensors are
+    refused before anything is written.
+    """
+    folder = os.fspath(folder)
+    _write_adapter(monteclora, folder, metrics=None, card=False)
+    tokenizer = tokenizer if tokenizer is not None else monteclora.tokenizer
+    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+        tokenizer.save_pretrained(folder)
 
 
 def save_pretrained(
@@ -291,7 +336,7 @@ def save_merged(
     return _atomic_write(folder, overwrite, write)
 
 
-def final_metrics(result: "TrainResult") -> dict[str, float]:
+def final_metrics(result: Any) -> dict[str, float]:
     """The last evaluation's metrics (``eval_`` prefix) and the last step's training loss terms."""
     metrics: dict[str, float] = {}
     if result.history:
@@ -303,14 +348,14 @@ def final_metrics(result: "TrainResult") -> dict[str, float]:
     return metrics
 
 
-def save_result(result: "TrainResult", folder: PathLike, *, overwrite: bool = False) -> str:
+def save_result(result: Any, folder: PathLike, *, overwrite: bool = False) -> str:
     """Save what :func:`~pyro_monteclora.train` returned: merged by default, per ``merge_adapter``.
 
     With ``result.config.merge_adapter`` (the default) the folder is a merged transformers model
     with the Bayesian adapter in ``adapter/``; otherwise it is the adapter folder itself. The
     model card lists the final metrics.
     """
-    config = result.config or result.model.config
+    config = result.config or result.model.monteclora_config
     metrics = final_metrics(result)
     if config.merge_adapter:
         return save_merged(result.model, folder, metrics=metrics, overwrite=overwrite)
@@ -405,7 +450,7 @@ def load(
     with torch.random.fork_rng():  # LoRA's random init must not move the caller's RNG
         # A base model object is used as given (quantized or not): quantization=None here.
         monteclora = MonteCLoRA.from_model(base_model, config.replace(quantization=None), tokenizer=tokenizer)
-    monteclora.config = config
+    monteclora.monteclora_config = config
     saved_groups = [(g["name"], tuple(g["module_names"])) for g in meta["groups"]]
     built_groups = [(g.name, g.module_names) for g in monteclora.groups]
     if saved_groups != built_groups:

@@ -14,7 +14,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import pyro.poutine as poutine
 import torch
@@ -57,7 +57,9 @@ class MonteCLoRA(nn.Module):
         model: the Pyro model (:class:`~pyro_monteclora.models.MonteCLoRAModel`); holds the network.
         guide: the variational guide (:class:`~pyro_monteclora.guides.MonteCLoRAGuide`).
         groups: the layer groups sharing vectorized sample sites.
-        config: the :class:`MonteCLoRAConfig` it was built with.
+        monteclora_config: the :class:`MonteCLoRAConfig` it was built with.
+        config: the network's transformers ``PretrainedConfig`` (as ``PeftModel.config``), so
+            transformers' ``Trainer`` and TRL see the model they expect.
         task: ``"classification"`` or ``"causal_lm"``.
         tokenizer: the tokenizer used in training, if known.
     """
@@ -71,7 +73,7 @@ class MonteCLoRA(nn.Module):
         tokenizer: Any = None,
     ) -> None:
         super().__init__()
-        self.config = config
+        self.monteclora_config = config
         self.task = task
         self.groups = groups
         self.tokenizer = tokenizer
@@ -102,6 +104,43 @@ class MonteCLoRA(nn.Module):
     def network(self) -> nn.Module:
         """The peft model (base + mean LoRA adapter)."""
         return self.model.network
+
+    @property
+    def config(self) -> Any:
+        """The network's transformers config (the MonteCLoRA one is :attr:`monteclora_config`)."""
+        return self.network.config
+
+    @property
+    def main_input_name(self) -> str:
+        return getattr(self.network, "main_input_name", "input_ids")
+
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs: Optional[dict] = None, every_n_layers: int = 1, offload: bool = False
+    ) -> None:
+        """Checkpoint the transformer blocks (transformers' switch, called by ``Trainer``).
+
+        Training through :class:`~pyro_monteclora.MonteCLoRATrainer` keeps each step's draw in
+        place until its backward pass has run, so the recompute uses the drawn adapter.
+        """
+        base = self.network.get_base_model()
+        base.activation_checkpointing_enable(
+            activation_checkpointing_kwargs=activation_checkpointing_kwargs, every_n_layers=every_n_layers, offload=offload
+        )
+        base.enable_input_require_grads()  # frozen embeddings: reentrant checkpoints still need a grad path
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: Optional[dict] = None, **kwargs: Any) -> None:
+        """Alias of :meth:`activation_checkpointing_enable` (the name before transformers 5.23)."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
+    def activation_checkpointing_disable(self) -> None:
+        base = self.network.get_base_model()
+        disable = getattr(base, "activation_checkpointing_disable", None) or base.gradient_checkpointing_disable
+        disable()
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        base = self.network.get_base_model()
+        return bool(getattr(base, "is_activation_checkpointing", False))
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """A, B, the task head and the variational parameters (what training updates)."""
@@ -136,6 +175,13 @@ class MonteCLoRA(nn.Module):
 
         return (save_merged if merged else save_pretrained)(self, folder, overwrite=overwrite)
 
-    def forward(self, **inputs: torch.Tensor) -> Any:
-        """The network's forward pass with the mean adapter (transformers outputs)."""
-        return self.network(**inputs)
+    def forward(self, objective: Optional[Callable[[Mapping[str, torch.Tensor]], Any]] = None, **inputs: Any) -> Any:
+        """The network's forward pass with the mean adapter (transformers outputs).
+
+        With ``objective`` (a callable such as a bound
+        :class:`~pyro_monteclora.train.ELBOLoss`), returns ``objective(inputs)`` instead: the
+        training objective computed inside ``forward``, so DDP sees every parameter it uses.
+        """
+        if objective is not None:
+            return objective(inputs)
+        return self.network(**self._inputs(inputs))

@@ -277,7 +277,7 @@ def _classification_examples(monteclora: Any, data: Any, tokenizer: Any) -> list
         raise ValueError("predict() needs strings, rows with a 'text' column, or tokenized rows with 'input_ids'")
     tokenizer = _tokenizer(monteclora, tokenizer)
     pairs = [r["text_pair"] for r in rows] if "text_pair" in rows[0] else None
-    return encode_texts(tokenizer, [r["text"] for r in rows], pairs, monteclora.config.max_length)
+    return encode_texts(tokenizer, [r["text"] for r in rows], pairs, monteclora.monteclora_config.max_length)
 
 
 def _batches(examples: list[dict], pad_id: int, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:

@@ -115,7 +115,7 @@ def test_elbo_loss_equals_independent_computation_and_pyro_elbo():
         g.name: tuple(guide_trace.nodes[f"{g.name}.{s}"]["value"] for s in ("covariance_tril", "weights", "components"))
         for g in mc.groups
     }
-    noise = {g: adapter_noise(*latents[g], mc.config.sample_scaler) for g in latents}
+    noise = {g: adapter_noise(*latents[g], mc.monteclora_config.sample_scaler) for g in latents}
     with noise_context(mc.groups, noise):
         logits = mc.network(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     log_lik = -torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum") * dataset_size / 3
@@ -124,7 +124,7 @@ def test_elbo_loss_equals_independent_computation_and_pyro_elbo():
         r = posterior.group.rank
         tril_q = torch.diag_embed((0.5 * posterior.log_scale_diag).exp())
         kl = kl + wishart_kl(posterior.df, tril_q, torch.tensor(float(r)), torch.eye(r)).sum()
-        prior = torch.ones_like(posterior.concentration) * mc.config.dirichlet_concentration
+        prior = torch.ones_like(posterior.concentration) * mc.monteclora_config.dirichlet_concentration
         kl = kl + kl_divergence(Dirichlet(posterior.concentration), Dirichlet(prior)).sum()
     assert float(kl.detach()) > 0.1
     assert torch.allclose(terms.nll * dataset_size, -log_lik, rtol=1e-5)

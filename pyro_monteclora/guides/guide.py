@@ -95,5 +95,5 @@ class MonteCLoRAGuide(nn.Module):
         super().__init__()
         self.posteriors = nn.ModuleDict({g.name: GroupPosterior(g, config) for g in groups})
 
-    def forward(self, batch: Any = None, dataset_size: Optional[int] = None) -> dict[str, tuple]:
+    def forward(self, batch: Any = None, dataset_size: Optional[int] = None, hold: Any = None) -> dict[str, tuple]:
         return {name: posterior() for name, posterior in self.posteriors.items()}

@@ -22,7 +22,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 from torch import nn
@@ -31,6 +31,7 @@ from ..config import MonteCLoRAConfig
 from ..layers import LayerGroup, noise_context
 from .likelihood import causal_lm_likelihood, classification_likelihood
 from .noise import adapter_noise
+from .precision import float32
 from .prior import GroupPrior
 
 __all__ = ["MonteCLoRAModel", "NON_INPUT_KEYS"]
@@ -79,10 +80,24 @@ class MonteCLoRAModel(nn.Module):
             for name, (tril, weights, components) in latents.items()
         }
 
-    def forward(self, batch: Mapping[str, torch.Tensor], dataset_size: Optional[int] = None) -> torch.Tensor:
+    def forward(
+        self, batch: Mapping[str, torch.Tensor], dataset_size: Optional[int] = None, hold: Optional[Any] = None
+    ) -> torch.Tensor:
+        """Sample the latents, run the network with ``A~ = A + noise``, observe the labels.
+
+        With ``hold`` (a :class:`~pyro_monteclora.train.draw.HeldDraw`), the noise stays in the
+        layers' slots after this call, until the caller's backward pass has run (training with
+        activation checkpointing); without it, the slots are emptied on return.
+        """
         latents = {name: prior() for name, prior in self.priors.items()}
         inputs = {k: v for k, v in batch.items() if k not in NON_INPUT_KEYS}
-        with noise_context(self.groups, self.noise(latents)):
+        with float32(batch):
+            noise = self.noise(latents)
+        if hold is not None:
+            hold.take(noise)
             logits = self.network(**inputs).logits
+        else:
+            with noise_context(self.groups, noise):
+                logits = self.network(**inputs).logits
         self.likelihood(logits, batch.get("labels"), dataset_size, batch.get("index"))
         return logits

@@ -1,7 +1,12 @@
-"""Training by SVI. ``pyro_monteclora.train(model, dataset, config=None, **overrides)`` fine-tunes.
+"""Training by SVI on transformers' Trainer. ``pyro_monteclora.train(model, dataset, config=None, **overrides)``.
+
+- :mod:`.elbo`: the objective (negative ELBO + cooperative loss) as an ``nn.Module``;
+- :mod:`.draw`: the adapter drawn for a step, held until its backward pass has run;
+- :mod:`.trainer`: :class:`MonteCLoRATrainerMixin` / :class:`MonteCLoRATrainer`;
+- :mod:`.api`: :func:`train`, a thin layer over the Trainer.
 
 The subpackage and the function share a name; this module is itself callable (it calls
-:func:`pyro_monteclora.train.loop.train`), so ``pyro_monteclora.train(model, dataset)`` works
+:func:`pyro_monteclora.train.api.train`), so ``pyro_monteclora.train(model, dataset)`` works
 whether ``pyro_monteclora.train`` was imported as a module or not, while
 ``pyro_monteclora.train.ELBOLoss`` and friends stay reachable.
 
@@ -15,10 +20,22 @@ Example:
 import sys
 import types
 
+from .api import TrainResult, evaluate_mean, train
+from .divergence import TrainingDiverged
 from .elbo import ELBOLoss, LossTerms, cooperative_loss
-from .loop import TrainResult, evaluate_mean, train
+from .trainer import MonteCLoRATrainer, MonteCLoRATrainerMixin
 
-__all__ = ["train", "TrainResult", "ELBOLoss", "LossTerms", "cooperative_loss", "evaluate_mean"]
+__all__ = [
+    "train",
+    "TrainResult",
+    "ELBOLoss",
+    "LossTerms",
+    "cooperative_loss",
+    "evaluate_mean",
+    "MonteCLoRATrainer",
+    "MonteCLoRATrainerMixin",
+    "TrainingDiverged",
+]
 
 
 class _CallableModule(types.ModuleType):

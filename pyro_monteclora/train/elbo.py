@@ -27,13 +27,15 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import pyro.poutine as poutine
 from pyro.poutine.util import site_is_subsample
 import torch
 from torch import nn
 from torch.distributions import kl_divergence
+
+from ..models.precision import float32
 
 __all__ = ["ELBOLoss", "LossTerms", "cooperative_loss"]
 
@@ -86,19 +88,27 @@ class ELBOLoss(nn.Module):
         self.cooperative_weight = cooperative_weight
         self.weight_sites = weight_sites
 
-    def forward(self, batch: Mapping[str, torch.Tensor], dataset_size: int) -> LossTerms:
-        guide_trace = poutine.trace(self.guide).get_trace(batch, dataset_size)
-        model_trace = poutine.trace(poutine.replay(self.model, trace=guide_trace)).get_trace(batch, dataset_size)
+    def forward(self, batch: Mapping[str, torch.Tensor], dataset_size: int, hold: Optional[Any] = None) -> LossTerms:
+        """The terms for one minibatch and one draw.
+
+        ``hold`` (a :class:`~pyro_monteclora.train.draw.HeldDraw`) keeps the draw in the
+        layers until the caller's backward pass has run. The guide's draws and the KLs are
+        computed in float32 even under autocast; only the network runs in mixed precision.
+        """
+        with float32(batch):
+            guide_trace = poutine.trace(self.guide).get_trace(batch, dataset_size, hold)
+        model_trace = poutine.trace(poutine.replay(self.model, trace=guide_trace)).get_trace(batch, dataset_size, hold)
         model_trace.compute_log_prob(site_filter=lambda name, site: site["is_observed"])
         log_likelihood = sum(site["log_prob_sum"] for site in _sample_sites(model_trace) if site["is_observed"])
         kl = 0.0
         weights = []
-        for name, site in _sample_sites(guide_trace, named=True):
-            kl = kl + site["scale"] * kl_divergence(site["fn"], model_trace.nodes[name]["fn"]).sum()
-            if (self.weight_sites is None and name.endswith(".weights")) or (
-                self.weight_sites is not None and name in self.weight_sites
-            ):
-                weights.append(site["value"])
+        with float32(batch):
+            for name, site in _sample_sites(guide_trace, named=True):
+                kl = kl + site["scale"] * kl_divergence(site["fn"], model_trace.nodes[name]["fn"]).sum()
+                if (self.weight_sites is None and name.endswith(".weights")) or (
+                    self.weight_sites is not None and name in self.weight_sites
+                ):
+                    weights.append(site["value"])
         nll = -log_likelihood / dataset_size
         kl = torch.as_tensor(kl, device=nll.device, dtype=nll.dtype) / dataset_size
         cooperative = cooperative_loss(weights) if weights else torch.zeros_like(nll)

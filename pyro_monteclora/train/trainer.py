@@ -1,0 +1,285 @@
+"""MonteCLoRA on transformers' ``Trainer``: the negative ELBO as the loss, the draw held per step.
+
+:class:`MonteCLoRATrainerMixin` goes in front of ``transformers.Trainer`` or TRL's
+``SFTTrainer``; Trainer keeps the loop, accumulation, mixed precision, checkpoints, resume and
+processes. What the mixin adds:
+
+- ``compute_loss`` is the negative ELBO plus the cooperative loss
+  (:class:`~pyro_monteclora.train.ELBOLoss`), one adapter drawn from the guide per micro-batch
+  and process. ``nll``, ``kl`` and ``cooperative`` (per training example) join ``loss`` in
+  Trainer's log history.
+- The draw stays in the layers until the micro-batch's backward pass has run
+  (:class:`~pyro_monteclora.train.draw.HeldDraw`), so activation checkpointing recomputes with
+  the drawn adapter.
+- Checkpoints and ``save_model`` write the adapter folder of :mod:`pyro_monteclora.io`
+  (peft files of the mean, the variational posterior and the MonteCLoRA config), so
+  :func:`pyro_monteclora.load` reads any ``checkpoint-<step>``; resuming restores it exactly.
+- Divergence stops training with :class:`~pyro_monteclora.train.divergence.TrainingDiverged`
+  before anything is saved.
+
+**Loss weighting.** An optimizer step sees ``n`` examples: ``G`` micro-batches (gradient
+accumulation) on each of ``W`` processes. The objective of the step is
+``sum_i nll_i / n + kl_weight * KL / D + cooperative_weight * cooperative`` (``D`` the
+training-set size). Each micro-batch ``b`` of ``n_b`` examples therefore back-propagates
+
+    loss_b = W * (sum_{i in b} nll_i) / n + (kl_weight * KL / D + cooperative_weight * coop_b) / G
+
+Trainer does not rescale it (``loss_is_scaled_for_ga = True``) and DDP averages gradients over
+the ``W`` processes, so the accumulated gradient is that of the step's objective: equal to the
+single-process, no-accumulation gradient on the same examples with the same draw. ``n`` is
+counted by the mixin (examples, summed over the micro-batches and processes of the step), not
+taken from Trainer's ``num_items_in_batch``, which counts tokens for causal LMs; the ELBO's
+data plate counts examples (sequences). The logged ``loss`` is the step's objective.
+
+Each process draws its own adapter from its own random stream (seeded ``seed`` + process
+index), so a step averages ``W * G`` Monte Carlo draws.
+
+Example:
+    >>> from transformers import TrainingArguments
+    >>> from pyro_monteclora import MonteCLoRA, MonteCLoRATrainer
+    >>> from pyro_monteclora.testing import tiny_bert, toy_tokenizer, toy_sentiment
+    >>> from pyro_monteclora.train.data import examples_dataset
+    >>> tokenizer = toy_tokenizer(["the", "is", "good", "bad"])
+    >>> mc = MonteCLoRA.from_model(tiny_bert(vocab_size=8), lora_r=4)
+    >>> data, collator = examples_dataset(mc, toy_sentiment(16), tokenizer, max_length=16)
+    >>> args = TrainingArguments("unused", per_device_train_batch_size=8, num_train_epochs=1, report_to="none",
+    ...                          use_cpu=True, disable_tqdm=True, save_strategy="no", logging_steps=1)
+    >>> trainer = MonteCLoRATrainer(model=mc, args=args, train_dataset=data, data_collator=collator)
+    >>> _ = trainer.train()  # doctest: +ELLIPSIS
+    {...}
+    >>> sorted(k for k in trainer.state.log_history[0] if k in ("cooperative", "kl", "loss", "nll"))
+    ['cooperative', 'kl', 'loss', 'nll']
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+from typing import Any, Optional
+
+import torch
+from transformers import Trainer
+
+from ..config import MonteCLoRAConfig
+from ..io import write_checkpoint_files
+from ..monteclora import MonteCLoRA
+from .checkpoints import restore_adapter_state
+from .divergence import DivergenceMonitor
+from .draw import HeldDraw
+from .elbo import ELBOLoss
+
+__all__ = ["MonteCLoRATrainerMixin", "MonteCLoRATrainer", "micro_batch_weights"]
+
+TERMS = ("nll", "kl", "cooperative")
+
+
+def micro_batch_weights(step_examples: int, world_size: int, accumulation_steps: int) -> tuple[float, float]:
+    """The weights ``(w_nll, w_reg)`` of a micro-batch: ``loss_b = w_nll * sum nll_i + w_reg * reg_b``.
+
+    ``w_nll = W / n`` and ``w_reg = 1 / G`` (see the module docstring).
+
+    Example:
+        >>> micro_batch_weights(step_examples=32, world_size=2, accumulation_steps=4)
+        (0.0625, 0.25)
+    """
+    if step_examples <= 0 or world_size <= 0 or accumulation_steps <= 0:
+        raise ValueError(
+            f"step_examples, world_size and accumulation_steps must be positive, got "
+            f"{step_examples}, {world_size}, {accumulation_steps}"
+        )
+    return world_size / step_examples, 1.0 / accumulation_steps
+
+
+class MonteCLoRATrainerMixin:
+    """Put in front of ``transformers.Trainer`` (or TRL's ``SFTTrainer``) to train MonteCLoRA.
+
+    Args (keyword, besides the Trainer's own):
+        model: a :class:`~pyro_monteclora.MonteCLoRA`, or a transformers model to which an
+            adapter is attached with ``monteclora_config``.
+        monteclora_config: the :class:`~pyro_monteclora.MonteCLoRAConfig` for a transformers
+            ``model`` (ignored for a MonteCLoRA, which carries its own).
+        dataset_size: ``D`` of the ELBO, the number of training examples (default:
+            ``len(train_dataset)``).
+
+    Batches are the model's inputs plus ``labels`` (and optionally ``index``, the examples'
+    positions in the dataset). See the module docstring for the loss weighting rule.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        monteclora_config: Optional[MonteCLoRAConfig] = None,
+        dataset_size: Optional[int] = None,
+        **kwargs: Any,
+    ) -> None:
+        model = kwargs.get("model", args[0] if args else None)
+        if model is not None and not isinstance(model, MonteCLoRA):
+            model = MonteCLoRA.from_model(model, monteclora_config or MonteCLoRAConfig())
+            if args:
+                args = (model,) + tuple(args[1:])
+            else:
+                kwargs["model"] = model
+        if not isinstance(model, MonteCLoRA):
+            raise TypeError("MonteCLoRATrainer needs model=: a MonteCLoRA or a transformers model")
+        super().__init__(*args, **kwargs)
+        self.monteclora: MonteCLoRA = model
+        config = model.monteclora_config
+        self.loss_is_scaled_for_ga = True
+        self.elbo = ELBOLoss(model.model, model.guide, config.kl_weight, config.cooperative_weight)
+        self.held_draw = HeldDraw(model.groups)
+        self.divergence = DivergenceMonitor()
+        self._dataset_size = dataset_size
+        self._step_examples: Optional[int] = None
+        self._term_sums: dict[str, torch.Tensor] = {}
+        self._term_count = 0
+        self._micro_terms: list[dict[str, torch.Tensor]] = []
+        self.step_terms: dict[str, torch.Tensor] = {}
+
+    # --- the objective ------------------------------------------------------------------------
+
+    @property
+    def dataset_size(self) -> int:
+        """``D``: the number of training examples the ELBO's data plate stands for."""
+        if self._dataset_size is None:
+            if self.train_dataset is None or not hasattr(self.train_dataset, "__len__"):
+                raise ValueError("pass dataset_size= to the trainer: the training dataset has no length")
+            self._dataset_size = len(self.train_dataset)
+        return self._dataset_size
+
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: torch.device) -> tuple[list, Any]:
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        local = sum(_batch_size(b) for b in batch_samples)
+        if self.accelerator.num_processes > 1:
+            total = self.accelerator.reduce(torch.tensor(local, device=self.accelerator.device), "sum")
+            local = int(total)
+        self._step_examples = local
+        return batch_samples, num_items_in_batch
+
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Any:
+        """Training: the weighted negative ELBO + cooperative loss of one draw. Evaluation: the
+        mean adapter's own loss (the network's ``loss`` output)."""
+        if not model.training:
+            outputs = model(**inputs)
+            return (outputs.loss, outputs) if return_outputs else outputs.loss
+        batch = dict(inputs)
+        local = _batch_size(batch)
+        step_examples = self._step_examples or local * self.current_gradient_accumulation_steps
+        objective = functools.partial(self.elbo, dataset_size=self.dataset_size, hold=self.held_draw)
+        try:
+            terms = model(objective=objective, **batch)
+        except ValueError as error:
+            self._check_divergence()  # a Pyro validation error on a diverged parameter
+            raise error
+        w_nll, w_reg = micro_batch_weights(
+            step_examples, self.accelerator.num_processes, self.current_gradient_accumulation_steps
+        )
+        regularizer = w_reg * (self.elbo.kl_weight * terms.kl + self.elbo.cooperative_weight * terms.cooperative)
+        # The network's backward (Trainer's) covers the NLL; the guide's terms, which share graph
+        # nodes with the held draw, go back in one pass with it (HeldDraw.backward_to_guide).
+        scaler = getattr(self.accelerator, "scaler", None)
+        self.held_draw.hold_regularizer(regularizer * (scaler.get_scale() if scaler is not None else 1.0))
+        loss = w_nll * terms.nll * local + regularizer.detach()
+        step = self.state.global_step + 1
+        detached = terms.detached()
+        self.divergence.record_terms(step, {k: detached[k] for k in TERMS})
+        for k in TERMS:
+            self._term_sums[k] = self._term_sums.get(k, 0) + detached[k]
+        self._term_count += 1
+        self._micro_terms.append({k: detached[k] for k in ("loss",) + TERMS})
+        return (loss, detached) if return_outputs else loss
+
+    def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
+        """Trainer's step (forward, backward), then the chain rule from the held draw to the guide."""
+        try:
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            self.held_draw.backward_to_guide(list(self.monteclora.guide.parameters()), self._average)
+            if self.accelerator.sync_gradients:  # the step's last micro-batch: its gradients are complete
+                self.divergence.record_gradients(self.state.global_step + 1, self._trainable())
+                count = len(self._micro_terms)
+                self.step_terms = {k: sum(t[k] for t in self._micro_terms) / count for k in self._micro_terms[0]}
+                self._micro_terms = []
+        finally:
+            self.held_draw.release()
+        return loss
+
+    def _average(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self.accelerator.num_processes == 1:
+            return grads
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        flat = self.accelerator.reduce(flat, "mean")
+        return [piece.view_as(g) for piece, g in zip(flat.split([g.numel() for g in grads]), grads)]
+
+    # --- logging and divergence ---------------------------------------------------------------
+
+    def _trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return [(n, p) for n, p in self.monteclora.named_parameters() if p.requires_grad]
+
+    def _check_divergence(self) -> None:
+        supports = {}
+        for name, posterior in self.monteclora.guide.posteriors.items():
+            supports[f"guide.{name}.concentration"] = posterior.concentration
+            supports[f"guide.{name}.scale_diag"] = posterior.scale_diag
+        self.divergence.check(dict(self._trainable()), supports)
+
+    def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
+        if "loss" in logs and self._term_count:
+            self._check_divergence()
+            count = self._term_count
+            for k in TERMS:
+                value = self._term_sums[k] / count
+                if self.accelerator.num_processes > 1:
+                    value = self.accelerator.reduce(value.to(self.accelerator.device), "mean")
+                logs[k] = float(value)
+            self._term_sums, self._term_count = {}, 0
+        super().log(logs, start_time)
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        if self.accelerator.num_processes > 1:  # a draw of its own on each process
+            torch.manual_seed(self.args.seed + self.accelerator.process_index)
+        output = super().train(*args, **kwargs)
+        self._check_divergence()
+        return output
+
+    # --- files --------------------------------------------------------------------------------
+
+    def _set_signature_columns_if_needed(self) -> None:
+        if self._signature_columns is None:
+            forward = self.monteclora.network.get_base_model().forward
+            self._signature_columns = list(inspect.signature(forward).parameters) + ["label", "labels", "index"]
+
+    def _save(self, output_dir: Optional[str] = None, state_dict: Optional[dict] = None) -> None:
+        """Write the adapter folder (peft files of the mean, posterior, config) and the tokenizer."""
+        self._check_divergence()
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        write_checkpoint_files(self.monteclora, output_dir, tokenizer=self.processing_class)
+        with open(os.path.join(output_dir, "training_args.json"), "w", encoding="utf-8") as handle:
+            handle.write(self.args.to_json_string())
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Optional[torch.nn.Module] = None) -> None:
+        restore_adapter_state(self.monteclora, resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        if self.state.best_model_checkpoint:
+            restore_adapter_state(self.monteclora, self.state.best_model_checkpoint)
+
+
+class MonteCLoRATrainer(MonteCLoRATrainerMixin, Trainer):
+    """``transformers.Trainer`` training a MonteCLoRA adapter (see :class:`MonteCLoRATrainerMixin`)."""
+
+
+def _batch_size(batch: Any) -> int:
+    for key in ("input_ids", "labels", "inputs_embeds"):
+        value = batch.get(key) if isinstance(batch, dict) else None
+        if isinstance(value, torch.Tensor):
+            return int(value.shape[0])
+    raise ValueError(f"cannot tell the batch size: a batch needs input_ids or labels, got keys {sorted(batch)}")
