@@ -67,7 +67,7 @@ from ..monteclora import MonteCLoRA
 from .checkpoints import restore_adapter_state
 from .divergence import DivergenceMonitor
 from .draw import HeldDraw
-from .elbo import ELBOLoss
+from .elbo import ELBOLoss, LossTerms
 
 __all__ = ["MonteCLoRATrainerMixin", "MonteCLoRATrainer", "micro_batch_weights"]
 
@@ -171,21 +171,16 @@ class MonteCLoRATrainerMixin:
         batch = dict(inputs)
         local = _batch_size(batch)
         step_examples = self._step_examples or local * self.current_gradient_accumulation_steps
-        objective = functools.partial(self.elbo, dataset_size=self.dataset_size, hold=self.held_draw)
-        try:
-            terms = model(objective=objective, **batch)
-        except ValueError as error:
-            self._check_divergence()  # a Pyro validation error on a diverged parameter
-            raise error
         w_nll, w_reg = micro_batch_weights(
             step_examples, self.accelerator.num_processes, self.current_gradient_accumulation_steps
         )
+        try:
+            terms = model(objective=functools.partial(self._objective, regularizer_weight=w_reg), **batch)
+        except ValueError as error:
+            self._check_divergence()  # a Pyro validation error on a diverged parameter
+            raise error
         regularizer = w_reg * (self.elbo.kl_weight * terms.kl + self.elbo.cooperative_weight * terms.cooperative)
-        # The network's backward (Trainer's) covers the NLL; the guide's terms, which share graph
-        # nodes with the held draw, go back in one pass with it (HeldDraw.backward_to_guide).
-        scaler = getattr(self.accelerator, "scaler", None)
-        self.held_draw.hold_regularizer(regularizer * (scaler.get_scale() if scaler is not None else 1.0))
-        loss = w_nll * terms.nll * local + regularizer.detach()
+        loss = w_nll * terms.nll * local + regularizer  # the regularizer is detached: see _objective
         step = self.state.global_step + 1
         detached = terms.detached()
         self.divergence.record_terms(step, {k: detached[k] for k in TERMS})
@@ -194,6 +189,22 @@ class MonteCLoRATrainerMixin:
         self._term_count += 1
         self._micro_terms.append({k: detached[k] for k in ("loss",) + TERMS})
         return (loss, detached) if return_outputs else loss
+
+    def _objective(self, batch: dict[str, Any], regularizer_weight: float) -> LossTerms:
+        """The ELBO terms of one draw, run inside the model's ``forward`` (so under DDP).
+
+        Only ``nll`` keeps its graph, which reaches A, B and the head through the held draw's
+        leaves. The guide's terms (KL, cooperative), whose graph shares nodes with the draw,
+        are held with it and go back in one pass in :meth:`training_step`; returning them
+        detached lets DDP treat the variational parameters as unused by this backward pass.
+        """
+        terms = self.elbo(batch, self.dataset_size, self.held_draw)
+        regularizer = regularizer_weight * (self.elbo.kl_weight * terms.kl + self.elbo.cooperative_weight * terms.cooperative)
+        scaler = getattr(self.accelerator, "scaler", None)  # fp16: the network's gradients are scaled too
+        self.held_draw.hold_regularizer(regularizer * (scaler.get_scale() if scaler is not None else 1.0))
+        return LossTerms(
+            loss=terms.loss.detach(), nll=terms.nll, kl=terms.kl.detach(), cooperative=terms.cooperative.detach()
+        )
 
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         """Trainer's step (forward, backward), then the chain rule from the held draw to the guide."""

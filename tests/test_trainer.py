@@ -1,0 +1,180 @@
+"""MonteCLoRATrainer: loss weighting, the held draw under activation checkpointing, mixed precision.
+
+Gradient tests pin the draw by reseeding the guide at every call (same base noise, same graph to
+the variational parameters), set LoRA B != 0 and a large epsilon so the noise reaches the loss,
+and turn dropout off so that splitting a batch changes nothing but the summation order.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import TrainerCallback, TrainingArguments
+
+import pyro_monteclora
+from pyro_monteclora import MonteCLoRA, MonteCLoRATrainer
+from pyro_monteclora.models.model import MonteCLoRAModel
+from pyro_monteclora.train import ELBOLoss
+from pyro_monteclora.train.data import examples_dataset
+from pyro_monteclora.testing import TOY_WORDS, nonzero_lora_b, tiny_llama
+
+EPSILON = 0.5  # a noise scale at which the draw changes the gradients visibly
+
+
+def _rows(n=8):
+    return [{"prompt": f"{TOY_WORDS[i % 8]} is", "completion": " ".join(TOY_WORDS[(i + j) % 8] for j in range(1 + i % 3))}
+            for i in range(n)]
+
+
+def _monteclora(**overrides):
+    mc = MonteCLoRA.from_model(
+        tiny_llama(vocab_size=16), lora_r=4, lora_dropout=0.0, sample_scaler=EPSILON, **overrides
+    )
+    nonzero_lora_b(mc.network)
+    with torch.no_grad():  # a posterior away from the prior, so every variational gradient is non-trivial
+        for posterior in mc.guide.posteriors.values():
+            posterior.log_scale_diag.normal_(0, 0.3)
+            posterior.log_concentration.normal_(0.5, 0.3)
+    return mc
+
+
+def _pin_draw(mc, seed=1234):
+    """Every guide call draws the same base noise (hence the same adapter, graph attached)."""
+    forward = mc.guide.forward
+
+    def pinned(*args, **kwargs):
+        torch.manual_seed(seed)
+        return forward(*args, **kwargs)
+
+    mc.guide.forward = pinned
+
+
+class _GradientCatcher(TrainerCallback):
+    def __init__(self, mc):
+        self.mc, self.grads = mc, None
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        if self.grads is None:
+            self.grads = {n: p.grad.detach().clone() for n, p in self.mc.named_parameters() if p.grad is not None}
+        control.should_training_stop = True
+
+
+def _args(tmp_path, **overrides):
+    values = dict(per_device_train_batch_size=8, num_train_epochs=1, report_to="none", use_cpu=True,
+                  disable_tqdm=True, save_strategy="no", logging_steps=1, max_grad_norm=0.0, learning_rate=1e-3)
+    values.update(overrides)
+    return TrainingArguments(str(tmp_path / "out"), **values)
+
+
+def _step_gradients(tmp_path, word_tokenizer, **args):
+    torch.manual_seed(0)
+    mc = _monteclora()
+    _pin_draw(mc)
+    data, collator = examples_dataset(mc, _rows(), word_tokenizer, max_length=32)
+    catcher = _GradientCatcher(mc)
+    trainer = MonteCLoRATrainer(model=mc, args=_args(tmp_path, **args), train_dataset=data, data_collator=collator,
+                                callbacks=[catcher])
+    trainer.train()
+    return catcher.grads
+
+
+def _reference_gradients(word_tokenizer):
+    """The plain objective on the whole batch, one process, no accumulation, no Trainer."""
+    torch.manual_seed(0)
+    mc = _monteclora()
+    _pin_draw(mc)
+    data, collator = examples_dataset(mc, _rows(), word_tokenizer, max_length=32)
+    batch = collator([data[i] for i in range(len(data))])
+    mc.train()
+    ELBOLoss(mc.model, mc.guide)(batch, dataset_size=len(data)).loss.backward()
+    return {n: p.grad.detach().clone() for n, p in mc.named_parameters() if p.grad is not None}
+
+
+def _assert_close(got, want, atol, label):
+    assert set(got) == set(want), label
+    for name in want:
+        assert torch.allclose(got[name], want[name], atol=atol, rtol=atol), (label, name, (got[name] - want[name]).abs().max())
+
+
+@pytest.mark.parametrize("batch, accumulation", [(8, 1), (4, 2), (2, 4), (3, 3)])
+def test_accumulated_gradient_equals_the_full_batch_gradient(tmp_path, word_tokenizer, batch, accumulation):
+    want = _reference_gradients(word_tokenizer)
+    guide = [n for n in want if ".posteriors." in n]
+    assert guide and all(want[n].abs().max() > 1e-6 for n in guide)  # the draw reaches the variational parameters
+    got = _step_gradients(tmp_path, word_tokenizer, per_device_train_batch_size=batch,
+                          gradient_accumulation_steps=accumulation)
+    _assert_close(got, want, 1e-5, f"batch {batch} x {accumulation}")
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_recomputes_with_the_drawn_adapter(tmp_path, word_tokenizer, reentrant):
+    want = _step_gradients(tmp_path, word_tokenizer)
+    got = _step_gradients(tmp_path, word_tokenizer, activation_checkpointing=True,
+                          activation_checkpointing_kwargs={"use_reentrant": reentrant})
+    _assert_close(got, want, 1e-6, f"reentrant={reentrant}")
+
+
+def test_the_checkpointing_test_catches_a_recompute_with_the_mean(tmp_path, word_tokenizer, monkeypatch):
+    """Emptying the slots after the forward pass (the old behaviour) must make the comparison fail."""
+    want = _step_gradients(tmp_path, word_tokenizer)
+    forward = MonteCLoRAModel.forward
+
+    def releasing(self, batch, dataset_size=None, hold=None):
+        logits = forward(self, batch, dataset_size, hold)
+        for group in self.groups:
+            group.slot.value = None
+        return logits
+
+    monkeypatch.setattr(MonteCLoRAModel, "forward", releasing)
+    got = _step_gradients(tmp_path, word_tokenizer, activation_checkpointing=True)
+    differences = [float((got[n] - want[n]).abs().max()) for n in want if n in got]
+    assert max(differences) > 1e-4
+
+
+def _train(word_tokenizer, **overrides):
+    torch.manual_seed(0)
+    model = tiny_llama(vocab_size=16)
+    values = dict(tokenizer=word_tokenizer, num_epochs=2, batch_size=4, lora_r=4, lora_dropout=0.0,
+                  sample_scaler=EPSILON, learning_rate=1e-2, progress=False, seed=3)
+    values.update(overrides)
+    return pyro_monteclora.train(model, _rows(12), **values)
+
+
+def test_train_with_and_without_checkpointing_gives_the_same_tensors(word_tokenizer):
+    plain = _train(word_tokenizer, gradient_checkpointing=False)
+    checkpointed = _train(word_tokenizer)  # None: on for a causal LM
+    assert checkpointed.model.is_activation_checkpointing and not plain.model.is_activation_checkpointing
+    want = {n: p for n, p in plain.model.named_parameters() if p.requires_grad}
+    got = {n: p for n, p in checkpointed.model.named_parameters() if p.requires_grad}
+    _assert_close(got, want, 1e-6, "trained tensors")
+
+
+def test_bf16_autocast_trains_with_float32_probability(word_tokenizer, monkeypatch):
+    dtypes = {}
+    take = pyro_monteclora.train.draw.HeldDraw.take
+
+    def recording(self, noise):
+        dtypes["noise"] = {v.dtype for v in noise.values()}
+        dtypes["autocast"] = torch.is_autocast_enabled("cpu")
+        return take(self, noise)
+
+    monkeypatch.setattr(pyro_monteclora.train.draw.HeldDraw, "take", recording)
+    result = _train(word_tokenizer, mixed_precision="bf16", num_epochs=1)
+    assert dtypes == {"noise": {torch.float32}, "autocast": True}
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in result.history)
+    assert all(p.dtype == torch.float32 for p in result.model.guide.parameters())
+    mc = result.model
+    data, collator = examples_dataset(mc, _rows(4), word_tokenizer, max_length=32)
+    batch = collator([data[i] for i in range(4)])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        terms = ELBOLoss(mc.model, mc.guide)(batch, dataset_size=4)
+    assert terms.kl.dtype == torch.float32 and terms.cooperative.dtype == torch.float32
+    assert terms.nll.dtype == torch.float32  # bf16 logits are scored in float32
+
+
+def test_log_history_has_the_loss_parts_and_history_one_record_per_step(word_tokenizer):
+    result = _train(word_tokenizer, log_every=2, gradient_accumulation_steps=2)
+    assert len(result.history) == 2 * 2  # 12 rows / (4 x 2) = 2 optimizer steps per epoch
+    logged = [r for r in result.log_history if "loss" in r]
+    assert logged and all({"nll", "kl", "cooperative"} <= set(r) for r in logged)
+    assert all(r["lr"] > 0 for r in result.history)  # no step runs at learning rate 0
