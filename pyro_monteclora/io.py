@@ -171,7 +171,7 @@ def _is_own_output(folder: str) -> bool:
     ):
         return True
     entries = os.listdir(folder)
-    return bool(entries) and entries == _checkpoints_in(folder)  # only training checkpoints so far
+    return bool(entries) and sorted(entries) == _checkpoints_in(folder)  # only training checkpoints so far
 
 
 def check_output_folder(folder: str, overwrite: bool) -> None:

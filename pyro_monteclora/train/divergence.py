@@ -16,7 +16,7 @@ Example:
     ...     monitor.check({})
     ... except TrainingDiverged as error:
     ...     print(str(error)[:62])
-    training diverged at step 7: the nll term became non-finite (n
+    training diverged at step 7: the nll term became non-finite; l
 """
 
 from __future__ import annotations
@@ -27,10 +27,7 @@ import torch
 
 __all__ = ["DivergenceMonitor", "TrainingDiverged", "CAUSES"]
 
-CAUSES = (
-    "lower learning_rate (try 10x smaller), lower sample_scaler (the noise scale epsilon), keep "
-    "max_grad_norm on, or check the data for empty or extreme examples"
-)
+CAUSES = "lower learning_rate (try 10x smaller) or sample_scaler (epsilon), keep max_grad_norm on, or check the data"
 
 
 class TrainingDiverged(FloatingPointError):
@@ -68,19 +65,28 @@ class DivergenceMonitor:
         self._flag("gradient", step, bad)
         self._gradient_names = names
 
-    def check(self, parameters: Mapping[str, torch.Tensor], supports: Optional[Mapping[str, torch.Tensor]] = None) -> None:
+    def check(
+        self,
+        parameters: Mapping[str, torch.Tensor],
+        supports: Optional[Mapping[str, torch.Tensor]] = None,
+        step: Optional[int] = None,
+    ) -> None:
         """Raise :class:`TrainingDiverged` if a term, gradient or parameter went bad.
 
         Args:
             parameters: trainable tensors by name (each must be finite).
             supports: variational quantities by name that must be finite and positive
                 (concentrations, scales).
+            step: the current optimizer step, named in a message about a parameter.
         """
+        where = f" by step {step}" if step is not None else ""
+        state = self._bad_state(parameters, supports or {})  # a parameter or support that went bad
+        detail = f" ({state})" if state else ""
         for name in ("nll", "kl", "cooperative"):
-            step = self._first_step(name)
-            if step is not None:
+            first = self._first_step(name)
+            if first is not None:
                 raise TrainingDiverged(
-                    f"training diverged at step {step}: the {name} term became non-finite (nan or inf); {CAUSES}"
+                    f"training diverged at step {first}: the {name} term became non-finite{detail}; {CAUSES}"
                 )
         if "gradient" in self._first:
             first = self._first["gradient"]
@@ -91,16 +97,22 @@ class DivergenceMonitor:
                     f"training diverged at step {int(first[index])}: the gradient of {self._gradient_names[index]} "
                     f"became non-finite ({len(bad)} tensor(s) affected); {CAUSES}"
                 )
-        for name, value in parameters.items():
-            if not torch.isfinite(value.detach()).all():
-                raise TrainingDiverged(f"training diverged: parameter {name} became non-finite; {CAUSES}")
-        for name, value in (supports or {}).items():
+        if state:
+            raise TrainingDiverged(f"training diverged{where}: {state}; {CAUSES}")
+
+    @staticmethod
+    def _bad_state(parameters: Mapping[str, torch.Tensor], supports: Mapping[str, torch.Tensor]) -> str:
+        for name, value in supports.items():  # the variational parameters first: the likelier root cause
             value = value.detach()
             if not (torch.isfinite(value) & (value > 0)).all():
-                raise TrainingDiverged(
-                    f"training diverged: {name} left its support (it must be finite and positive; "
-                    f"range now {float(value.min()):.3g}..{float(value.max()):.3g}); {CAUSES}"
+                return (
+                    f"{name} left its support (finite and positive; now {float(value.min()):.3g}.."
+                    f"{float(value.max()):.3g})"
                 )
+        for name, value in parameters.items():
+            if not torch.isfinite(value.detach()).all():
+                return f"parameter {name} became non-finite"
+        return ""
 
     def _first_step(self, name: str) -> Optional[int]:
         value = self._first.get(name)

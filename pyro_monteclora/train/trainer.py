@@ -65,7 +65,7 @@ from ..config import MonteCLoRAConfig
 from ..io import write_checkpoint_files
 from ..monteclora import MonteCLoRA
 from .checkpoints import restore_adapter_state
-from .divergence import DivergenceMonitor
+from .divergence import CAUSES, DivergenceMonitor, TrainingDiverged
 from .draw import HeldDraw
 from .elbo import ELBOLoss, LossTerms
 
@@ -177,8 +177,8 @@ class MonteCLoRATrainerMixin:
         try:
             terms = model(objective=functools.partial(self._objective, regularizer_weight=w_reg), **batch)
         except ValueError as error:
-            self._check_divergence()  # a Pyro validation error on a diverged parameter
-            raise error
+            self._diverged_in_forward(self.state.global_step + 1, error)
+            raise
         regularizer = w_reg * (self.elbo.kl_weight * terms.kl + self.elbo.cooperative_weight * terms.cooperative)
         loss = w_nll * terms.nll * local + regularizer  # the regularizer is detached: see _objective
         step = self.state.global_step + 1
@@ -230,14 +230,25 @@ class MonteCLoRATrainerMixin:
     # --- logging and divergence ---------------------------------------------------------------
 
     def _trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
-        return [(n, p) for n, p in self.monteclora.named_parameters() if p.requires_grad]
+        """Trainable tensors, named as in the transformers model (``bert.encoder...lora_A...``)."""
+        prefix = "model.network.base_model.model."
+        return [(n[len(prefix):] if n.startswith(prefix) else n, p)
+                for n, p in self.monteclora.named_parameters() if p.requires_grad]
 
-    def _check_divergence(self) -> None:
+    def _check_divergence(self, step: Optional[int] = None) -> None:
         supports = {}
         for name, posterior in self.monteclora.guide.posteriors.items():
             supports[f"guide.{name}.concentration"] = posterior.concentration
             supports[f"guide.{name}.scale_diag"] = posterior.scale_diag
-        self.divergence.check(dict(self._trainable()), supports)
+        self.divergence.check(dict(self._trainable()), supports, self.state.global_step if step is None else step)
+
+    def _diverged_in_forward(self, step: int, error: ValueError) -> None:
+        """Turn a distribution's validation error on a non-finite value into :class:`TrainingDiverged`."""
+        self._check_divergence(step)  # names the parameter or support that went bad, if one did
+        text = str(error)
+        if "Expected parameter" in text and "invalid values" in text:
+            term = "the nll term (the network's logits)" if "Categorical" in text else "a variational parameter"
+            raise TrainingDiverged(f"training diverged at step {step}: {term} became non-finite; {CAUSES}") from None
 
     def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
         if "loss" in logs and self._term_count:
