@@ -105,6 +105,17 @@ class MonteCLoRA(nn.Module):
         """The peft model (base + mean LoRA adapter)."""
         return self.model.network
 
+    def __getattr__(self, name: str) -> Any:
+        """Attributes of the network (``generation_config``, ``generate``, ``add_model_tags``, ...),
+        as ``PeftModel`` forwards to its base model, so Trainer and TRL see a transformers model."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            model = self.__dict__.get("_modules", {}).get("model")
+            if model is None or name.startswith("__"):
+                raise
+            return getattr(model.network, name)
+
     @property
     def config(self) -> Any:
         """The network's transformers config (the MonteCLoRA one is :attr:`monteclora_config`)."""

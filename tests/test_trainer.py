@@ -7,6 +7,8 @@ and turn dropout off so that splitting a batch changes nothing but the summation
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from transformers import TrainerCallback, TrainingArguments
@@ -178,3 +180,27 @@ def test_log_history_has_the_loss_parts_and_history_one_record_per_step(word_tok
     logged = [r for r in result.log_history if "loss" in r]
     assert logged and all({"nll", "kl", "cooperative"} <= set(r) for r in logged)
     assert all(r["lr"] > 0 for r in result.history)  # no step runs at learning rate 0
+
+
+def test_the_mixin_works_in_front_of_trl_sft_trainer(tmp_path, word_tokenizer):
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+
+    from pyro_monteclora import MonteCLoRATrainerMixin
+
+    class MonteCLoRASFTTrainer(MonteCLoRATrainerMixin, trl.SFTTrainer):
+        pass
+
+    tokenizer = copy.deepcopy(word_tokenizer)  # SFT needs an eos token; the session fixture stays as it is
+    tokenizer.eos_token = "[SEP]"
+    mc = _monteclora()
+    args = trl.SFTConfig(str(tmp_path / "sft"), per_device_train_batch_size=4, num_train_epochs=1, report_to="none",
+                         use_cpu=True, disable_tqdm=True, save_strategy="no", logging_steps=1, max_length=32)
+    trainer = MonteCLoRASFTTrainer(model=mc, args=args, train_dataset=Dataset.from_list(_rows(8)),
+                                   processing_class=tokenizer)
+    before = {n: p.detach().clone() for n, p in mc.guide.named_parameters()}
+    trainer.train()
+    logged = [r for r in trainer.state.log_history if "loss" in r]
+    assert len(logged) == 2 and all({"nll", "kl", "cooperative"} <= set(r) for r in logged)
+    assert any(not torch.equal(before[n], p) for n, p in mc.guide.named_parameters())  # the posterior trained
+
