@@ -164,20 +164,26 @@ def test_text_pair_is_the_second_segment(word_tokenizer):
 
 @pytest.mark.slow
 def test_tiny_causal_lm_on_real_instruction_data():
+    """Held-out per-token NLL of the mean adapter falls (a random frozen lm_head limits how far)."""
+    from torch.utils.data import DataLoader
+
     from pyro_monteclora.data import format_instruction
+    from pyro_monteclora.train import evaluate_mean
+    from pyro_monteclora.train.data import examples_dataset
 
     with open(os.path.join(SHARED_DATA, "math", "math_data.json")) as handle:
-        rows = json.load(handle)[:200]
+        rows = json.load(handle)[:240]
     assert {"instruction", "input", "output"} <= set(rows[0])
     tokenizer = _bpe_tokenizer([format_instruction(r) + r["output"] for r in rows])
-    model = tiny_llama(vocab_size=len(tokenizer), hidden_size=32)
+    mc = MonteCLoRA.from_model(tiny_llama(vocab_size=len(tokenizer), hidden_size=32), lora_r=8)
+    held_out, collator = examples_dataset(mc, rows[200:], tokenizer, max_length=256)
+    before = evaluate_mean(mc, DataLoader(held_out, batch_size=8, collate_fn=collator))["nll"]
     result = pyro_monteclora.train(
-        model, rows, tokenizer=tokenizer, num_epochs=2, batch_size=8, learning_rate=1e-2, lora_r=8,
-        max_length=256, progress=False,
+        mc, rows[:200], tokenizer=tokenizer, num_epochs=2, batch_size=8, learning_rate=1e-2, max_length=256,
+        progress=False, eval_dataset=rows[200:],
     )
-    nll = [r["nll"] for r in result.history]
-    k = len(nll) // 4
-    assert sum(nll[-k:]) / k < 0.95 * sum(nll[:k]) / k, (nll[:k], nll[-k:])
+    after = [e["nll"] for e in result.evaluations]
+    assert before > after[0] > after[1] and before - after[1] > 0.05, (before, after)  # measured 6.242 -> 6.184 -> 6.162
 
 
 @pytest.mark.slow
