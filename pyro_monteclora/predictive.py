@@ -42,7 +42,7 @@ from torch import nn
 
 from .data import Collator, encode_prompt_completion, encode_texts, format_instruction, pad_token_id
 from .layers import noise_context
-from .models.likelihood import IGNORE_INDEX
+from .models.likelihood import IGNORE_INDEX, target_positions
 from .models.model import NON_INPUT_KEYS
 from .models.prior import site_names
 from .monteclora import device_of
@@ -243,8 +243,16 @@ class Predictive(nn.Module):
         """
         if "labels" not in batch:
             raise ValueError("sequence log-likelihoods need batch['labels'] (IGNORE_INDEX on unscored positions)")
-        logits = self.sample_logits(batch)
-        return _token_log_likelihood(logits, batch["labels"].to(logits.device))
+        labels = batch["labels"].to(device_of(self.monteclora))
+        if not self.monteclora.model.logits_on_targets:
+            logits = self.sample_logits(batch)
+            return _token_log_likelihood(logits, labels)
+        positions, valid = target_positions(labels)  # the LM head on the scored positions only
+        logits = self.sample_logits({**batch, "logits_to_keep": positions})  # (S, n, K, V)
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        targets = torch.where(valid, labels.gather(1, positions + 1), torch.zeros_like(positions))
+        picked = log_probs.gather(-1, targets.expand(log_probs.shape[:-1]).unsqueeze(-1)).squeeze(-1)
+        return (picked * valid).sum(-1)
 
     def sequence_log_likelihood(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``log_likelihood`` ``(n,)``: ``log (1/S) sum_s p(labels | inputs, A~_s)`` (a stable

@@ -191,3 +191,48 @@ def test_guide_starts_at_the_prior_and_has_r_plus_n_parameters_per_layer():
     assert float(terms.kl) == pytest.approx(0.0, abs=1e-6)
     layers = sum(g.num_layers for g in mc.groups)
     assert mc.num_extra_parameters() == layers * (4 + 3)
+
+
+def test_causal_lm_logits_on_answer_positions_only_give_the_same_elbo(word_tokenizer):
+    """The LM head on the answer positions (logits_to_keep) scores exactly as full logits do."""
+    from pyro_monteclora.testing import tiny_llama
+    from pyro_monteclora.train import ELBOLoss
+    from pyro_monteclora.train.data import examples_dataset
+
+    rows = [{"prompt": "the good is", "completion": "bad"}, {"prompt": "is", "completion": "the good bad is"}]
+    values = {}
+    for on_targets in (True, False):
+        torch.manual_seed(0)
+        mc = MonteCLoRA.from_model(tiny_llama(vocab_size=16), lora_r=4, lora_dropout=0.0, sample_scaler=0.5)
+        nonzero_lora_b(mc.network)
+        mc.model.logits_on_targets = on_targets
+        data, collator = examples_dataset(mc, rows, word_tokenizer, max_length=32)
+        batch = collator([data[0], data[1]])
+        torch.manual_seed(1)
+        terms = ELBOLoss(mc.model, mc.guide)(batch, dataset_size=2)
+        terms.loss.backward()
+        values[on_targets] = (terms.nll.detach(), {n: p.grad.clone() for n, p in mc.named_parameters() if p.grad is not None})
+    assert MonteCLoRA.from_model(tiny_llama(vocab_size=16), lora_r=4).model.logits_on_targets  # on by default here
+    assert torch.allclose(values[True][0], values[False][0], rtol=1e-6)
+    for name, grad in values[False][1].items():
+        assert torch.allclose(values[True][1][name], grad, atol=1e-6), name
+
+
+def test_candidate_scoring_on_answer_positions_only_equals_full_logits(word_tokenizer):
+    from pyro_monteclora.predictive import Predictive
+    from pyro_monteclora.testing import tiny_llama
+    from pyro_monteclora.train.data import examples_dataset
+
+    rows = [{"prompt": "the good is", "completion": "bad"}, {"prompt": "is", "completion": "the good bad is"}]
+    mc = MonteCLoRA.from_model(tiny_llama(vocab_size=16), lora_r=4, sample_scaler=0.5)
+    nonzero_lora_b(mc.network)
+    data, collator = examples_dataset(mc, rows, word_tokenizer, max_length=32)
+    batch = collator([data[0], data[1]])
+    scores = {}
+    for on_targets in (True, False):
+        mc.model.logits_on_targets = on_targets
+        for mode in ("sample", "mean"):
+            scores[on_targets, mode] = Predictive(mc, 3, seed=0, mode=mode).sample_sequence_log_likelihood(batch)
+    for mode in ("sample", "mean"):
+        assert torch.allclose(scores[True, mode], scores[False, mode], atol=1e-5), mode
+    assert not torch.allclose(scores[True, "sample"][0], scores[True, "sample"][1])  # the draws differ

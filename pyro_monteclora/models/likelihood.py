@@ -21,7 +21,13 @@ import pyro
 import pyro.distributions as dist
 import torch
 
-__all__ = ["classification_likelihood", "causal_lm_likelihood", "IGNORE_INDEX", "OBSERVATION_SITE"]
+__all__ = [
+    "classification_likelihood",
+    "causal_lm_likelihood",
+    "target_positions",
+    "IGNORE_INDEX",
+    "OBSERVATION_SITE",
+]
 
 IGNORE_INDEX = -100
 OBSERVATION_SITE = "obs"
@@ -54,11 +60,35 @@ def classification_likelihood(
         return pyro.sample(OBSERVATION_SITE, dist.Categorical(logits=logits), obs=labels)
 
 
+def target_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The positions whose logits a causal LM's loss needs, per sequence, and which are real.
+
+    Position ``t`` of a sequence predicts token ``t + 1``; it is needed where
+    ``labels[:, t + 1] != IGNORE_INDEX`` (the answer tokens). Returns ``positions`` and ``valid``,
+    both ``(batch, K)`` with ``K`` the largest count in the batch; rows with fewer positions are
+    padded with position 0 and ``valid = False``. Passing ``positions`` as transformers'
+    ``logits_to_keep`` computes the LM head on those positions only.
+
+    Example:
+        >>> labels = torch.tensor([[-100, -100, 7, 8], [-100, 5, -100, -100]])
+        >>> positions, valid = target_positions(labels)
+        >>> positions.tolist(), valid.tolist()
+        ([[1, 2], [0, 0]], [[True, True], [True, False]])
+    """
+    needed = labels[:, 1:] != IGNORE_INDEX
+    counts = needed.sum(1)
+    width = max(int(counts.max()), 1) if counts.numel() else 1
+    order = torch.sort((~needed).to(torch.int8), dim=1, stable=True).indices[:, :width]
+    valid = torch.arange(width, device=labels.device)[None, :] < counts[:, None]
+    return torch.where(valid, order, torch.zeros_like(order)), valid
+
+
 def causal_lm_likelihood(
     logits: torch.Tensor,
     labels: Optional[torch.Tensor],
     dataset_size: Optional[int] = None,
     subsample: Optional[torch.Tensor] = None,
+    positions: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
 ) -> Optional[torch.Tensor]:
     """Each sequence's next tokens ``~ Categorical(logits)``, over positions whose label is kept.
 
@@ -66,7 +96,19 @@ def causal_lm_likelihood(
     prompt and padding positions (as in transformers); position ``t`` is predicted from ``t - 1``.
     A sequence is one observation (its tokens are its event), so the plate counts sequences.
     Half-precision logits are upcast to float32 before normalization.
+
+    With ``positions`` (from :func:`target_positions`), ``logits`` are ``(batch, K, vocab)``:
+    those positions only, as computed with ``logits_to_keep``. The log-likelihood is the same.
     """
+    if positions is not None and labels is not None:
+        where, valid = positions
+        targets = labels.gather(1, where + 1)
+        with _plate(logits.shape[0], dataset_size, subsample, logits.device):
+            return pyro.sample(
+                OBSERVATION_SITE,
+                dist.Categorical(logits=_upcast(logits)).mask(valid).to_event(1),
+                obs=torch.where(valid, targets, torch.zeros_like(targets)),
+            )
     shifted = _upcast(logits[:, :-1])
     if labels is None:
         with _plate(logits.shape[0], dataset_size, subsample, logits.device):

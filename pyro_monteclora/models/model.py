@@ -22,6 +22,8 @@ Example:
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any, Mapping, Optional
 
 import torch
@@ -29,7 +31,7 @@ from torch import nn
 
 from ..config import MonteCLoRAConfig
 from ..layers import LayerGroup, noise_context
-from .likelihood import causal_lm_likelihood, classification_likelihood
+from .likelihood import causal_lm_likelihood, classification_likelihood, target_positions
 from .noise import adapter_noise
 from .precision import float32
 from .prior import GroupPrior
@@ -37,6 +39,19 @@ from .prior import GroupPrior
 __all__ = ["MonteCLoRAModel", "NON_INPUT_KEYS"]
 
 NON_INPUT_KEYS = ("labels", "index")
+
+
+def supports_logits_to_keep(network: nn.Module) -> bool:
+    """Whether a (peft-wrapped) transformers LM computes logits only at given per-row positions.
+
+    transformers' ``slice_logits_to_keep`` (5.x) takes a ``(batch, K)`` tensor of positions; a
+    model whose ``forward`` has ``logits_to_keep`` and a transformers that has the function
+    qualify. Older versions slice a 2D tensor differently, so they get full logits.
+    """
+    import transformers.modeling_utils as modeling_utils
+
+    base = network.get_base_model() if hasattr(network, "get_base_model") else network
+    return hasattr(modeling_utils, "slice_logits_to_keep") and "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 class MonteCLoRAModel(nn.Module):
@@ -91,6 +106,11 @@ class MonteCLoRAModel(nn.Module):
         """
         latents = {name: prior() for name, prior in self.priors.items()}
         inputs = {k: v for k, v in batch.items() if k not in NON_INPUT_KEYS}
+        labels = batch.get("labels")
+        positions = None
+        if self.task == "causal_lm" and labels is not None and self.logits_on_targets:
+            positions = target_positions(labels)  # the LM head runs on the answer positions only
+            inputs["logits_to_keep"] = positions[0]
         with float32(batch):
             noise = self.noise(latents)
         if hold is not None:
@@ -99,5 +119,13 @@ class MonteCLoRAModel(nn.Module):
         else:
             with noise_context(self.groups, noise):
                 logits = self.network(**inputs).logits
-        self.likelihood(logits, batch.get("labels"), dataset_size, batch.get("index"))
+        if positions is not None:
+            self.likelihood(logits, labels, dataset_size, batch.get("index"), positions)
+        else:
+            self.likelihood(logits, labels, dataset_size, batch.get("index"))
         return logits
+
+    @functools.cached_property
+    def logits_on_targets(self) -> bool:
+        """Whether the network takes per-sequence ``logits_to_keep`` positions (transformers >= 5)."""
+        return supports_logits_to_keep(self.network)

@@ -263,6 +263,13 @@ class MonteCLoRATrainerMixin:
         super().log(logs, start_time)
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
+        kind = str(self.accelerator.distributed_type)
+        if "DEEPSPEED" in kind or "FSDP" in kind:
+            raise NotImplementedError(
+                f"MonteCLoRATrainer does not support {kind} yet: the variational parameters' gradient is added "
+                "after the engine's backward pass, which DeepSpeed ZeRO and FSDP shard and own; use DDP "
+                "(accelerate launch --multi_gpu) instead"
+            )
         if self.accelerator.num_processes > 1:  # a draw of its own on each process
             torch.manual_seed(self.args.seed + self.accelerator.process_index)
         output = super().train(*args, **kwargs)
