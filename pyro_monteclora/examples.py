@@ -74,6 +74,11 @@ def load_smollm2(dtype: Any = None) -> tuple[Any, Any]:
         tokenizer.pad_token = tokenizer.eos_token
     kwargs = {"dtype": dtype} if dtype is not None else {}
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_FILE, **kwargs)
+    # The weights are dequantized: drop the GGUF marks, so that Trainer, peft and save_pretrained
+    # treat the model as the plain float model it now is (a merged save then loads without gguf).
+    model.is_quantized, model.hf_quantizer = False, None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
     return model, tokenizer
 
 

@@ -64,6 +64,10 @@ class MonteCLoRA(nn.Module):
         tokenizer: the tokenizer used in training, if known.
     """
 
+    #: transformers' flag for "adapters are attached": Trainer then trains a base that is marked
+    #: quantized (such as a dequantized GGUF model) through the adapter, as it does a PeftModel.
+    _hf_peft_config_loaded = True
+
     def __init__(
         self,
         network: nn.Module,
