@@ -1,7 +1,7 @@
 """MonteCLoRATrainer: loss weighting, the held draw under activation checkpointing, mixed precision.
 
 Gradient tests pin the draw by reseeding the guide at every call (same base noise, same graph to
-the variational parameters), set LoRA B != 0 and a large epsilon so the noise reaches the loss,
+the variational parameters), set LoRA B != 0 and a large epsilon (0.1) so the noise reaches the loss,
 and turn dropout off so that splitting a batch changes nothing but the summation order.
 """
 
@@ -20,7 +20,8 @@ from pyro_monteclora.train import ELBOLoss
 from pyro_monteclora.train.data import examples_dataset
 from pyro_monteclora.testing import TOY_WORDS, nonzero_lora_b, tiny_llama
 
-EPSILON = 0.5  # a noise scale at which the draw changes the gradients visibly
+EPSILON = 0.1  # the draw changes the gradients visibly; at 0.5 the tiny network saturates and float32
+# rounding (different matmul shapes per micro-batch) reaches 30% of some near-zero gradients
 
 
 def _rows(n=8):
