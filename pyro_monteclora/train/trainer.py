@@ -56,6 +56,7 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import shutil
 from typing import Any, Optional
 
 import torch
@@ -293,6 +294,17 @@ class MonteCLoRATrainerMixin:
         write_checkpoint_files(self.monteclora, output_dir, tokenizer=self.processing_class)
         with open(os.path.join(output_dir, "training_args.json"), "w", encoding="utf-8") as handle:
             handle.write(self.args.to_json_string())
+
+    def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
+        """Trainer's checkpoint; an interrupted write (an exception, Ctrl-C) removes the partial folder."""
+        folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+        existed = os.path.exists(folder)
+        try:
+            super()._save_checkpoint(model, trial)
+        except BaseException:
+            if not existed and self.args.should_save:
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Optional[torch.nn.Module] = None) -> None:
         restore_adapter_state(self.monteclora, resume_from_checkpoint)
