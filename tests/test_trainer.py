@@ -205,3 +205,27 @@ def test_the_mixin_works_in_front_of_trl_sft_trainer(tmp_path, word_tokenizer):
     assert len(logged) == 2 and all({"nll", "kl", "cooperative"} <= set(r) for r in logged)
     assert any(not torch.equal(before[n], p) for n, p in mc.guide.named_parameters())  # the posterior trained
 
+
+
+def test_the_redrawn_adapter_equals_the_held_one_bitwise(word_tokenizer):
+    """The variational gradient is taken through a redraw from the captured random state: it must be
+    the very draw the layers used, even though dropout consumed random numbers in between."""
+    from pyro_monteclora.train.draw import HeldDraw
+
+    mc = MonteCLoRA.from_model(tiny_llama(vocab_size=16), lora_r=4, lora_dropout=0.3, sample_scaler=EPSILON)
+    data, collator = examples_dataset(mc, _rows(), word_tokenizer, max_length=32)
+    batch = collator([data[i] for i in range(4)])
+    mc.train()
+    hold = HeldDraw(mc.groups)
+    elbo = ELBOLoss(mc.model, mc.guide)
+    terms = elbo(batch, dataset_size=8, hold=hold)
+    assert terms.nll.requires_grad and not terms.kl.requires_grad  # the guide's side has no graph here
+    hold.remember(lambda: (elbo.guide_terms(8)[0], torch.zeros(())))
+    after = torch.get_rng_state()
+    noise, _ = hold._redraw()
+    assert set(noise) == set(hold.leaves)
+    for name, leaf in hold.leaves.items():
+        assert torch.equal(noise[name], leaf) and noise[name].requires_grad
+    assert torch.equal(torch.get_rng_state(), after)  # the caller's random state is left as it was
+    hold.release()
+    assert all(g.slot.value is None for g in mc.groups)

@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
@@ -91,29 +92,70 @@ class ELBOLoss(nn.Module):
     def forward(self, batch: Mapping[str, torch.Tensor], dataset_size: int, hold: Optional[Any] = None) -> LossTerms:
         """The terms for one minibatch and one draw.
 
-        ``hold`` (a :class:`~pyro_monteclora.train.draw.HeldDraw`) keeps the draw in the
-        layers until the caller's backward pass has run. The guide's draws and the KLs are
-        computed in float32 even under autocast; only the network runs in mixed precision.
+        The guide's draws and the KLs are computed in float32 even under autocast; only the
+        network runs in mixed precision. With ``hold`` (a
+        :class:`~pyro_monteclora.train.draw.HeldDraw`), the draw stays in the layers until the
+        caller's backward pass has run, and the guide's side is computed without a graph:
+        only ``nll`` carries one (to A, B, the head and the held noise), and the variational
+        gradient comes from :meth:`guide_terms`, redrawn with the same random state.
         """
-        with float32(batch):
+        no_graph = torch.no_grad() if hold is not None else contextlib.nullcontext()
+        if hold is not None:
+            hold.capture_rng(_device_of(batch))
+        with float32(batch), no_graph:
             guide_trace = poutine.trace(self.guide).get_trace(batch, dataset_size, hold)
         model_trace = poutine.trace(poutine.replay(self.model, trace=guide_trace)).get_trace(batch, dataset_size, hold)
         model_trace.compute_log_prob(site_filter=lambda name, site: site["is_observed"])
         log_likelihood = sum(site["log_prob_sum"] for site in _sample_sites(model_trace) if site["is_observed"])
-        kl = 0.0
-        weights = []
-        with float32(batch):
-            for name, site in _sample_sites(guide_trace, named=True):
-                kl = kl + site["scale"] * kl_divergence(site["fn"], model_trace.nodes[name]["fn"]).sum()
-                if (self.weight_sites is None and name.endswith(".weights")) or (
-                    self.weight_sites is not None and name in self.weight_sites
-                ):
-                    weights.append(site["value"])
         nll = -log_likelihood / dataset_size
-        kl = torch.as_tensor(kl, device=nll.device, dtype=nll.dtype) / dataset_size
-        cooperative = cooperative_loss(weights) if weights else torch.zeros_like(nll)
+        with float32(batch), no_graph:
+            kl, cooperative = self._guide_parts(guide_trace, model_trace, dataset_size, nll)
         loss = nll + self.kl_weight * kl + self.cooperative_weight * cooperative
         return LossTerms(loss=loss, nll=nll, kl=kl, cooperative=cooperative)
+
+    def guide_terms(self, dataset_size: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """One draw from the guide, with its graph: ``(noise per group, kl, cooperative)``.
+
+        With the random state restored to the one before :meth:`forward`'s draw, the values
+        equal that draw's (the test suite checks it), so back-propagating the held noise's
+        gradient through this noise is the exact chain rule, without keeping the draw's graph
+        alive during the network's backward pass. Needs a :class:`MonteCLoRAModel` (its
+        ``priors`` and ``noise``).
+        """
+        reference = next(self.guide.parameters())
+        with float32(reference):
+            guide_trace = poutine.trace(self.guide).get_trace(None, dataset_size)
+            priors = poutine.trace(poutine.replay(self._sample_priors, trace=guide_trace))
+            latents = priors()
+            noise = self.model.noise(latents)
+            kl, cooperative = self._guide_parts(guide_trace, priors.trace, dataset_size, reference)
+        return noise, kl, cooperative
+
+    def _sample_priors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        return {name: prior() for name, prior in self.model.priors.items()}
+
+    def _guide_parts(
+        self, guide_trace: poutine.Trace, prior_trace: poutine.Trace, dataset_size: int, like: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """KL(q || p) per example over the latent sites, and the cooperative loss of the draw."""
+        kl = 0.0
+        weights = []
+        for name, site in _sample_sites(guide_trace, named=True):
+            kl = kl + site["scale"] * kl_divergence(site["fn"], prior_trace.nodes[name]["fn"]).sum()
+            if (self.weight_sites is None and name.endswith(".weights")) or (
+                self.weight_sites is not None and name in self.weight_sites
+            ):
+                weights.append(site["value"])
+        kl = torch.as_tensor(kl, device=like.device, dtype=torch.float32) / dataset_size
+        cooperative = cooperative_loss(weights) if weights else torch.zeros_like(kl)
+        return kl, cooperative
+
+
+def _device_of(batch: Mapping[str, torch.Tensor]) -> torch.device:
+    for value in batch.values():
+        if isinstance(value, torch.Tensor):
+            return value.device
+    return torch.device("cpu")
 
 
 def _sample_sites(trace: poutine.Trace, named: bool = False):

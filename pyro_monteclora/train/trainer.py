@@ -194,18 +194,22 @@ class MonteCLoRATrainerMixin:
     def _objective(self, batch: dict[str, Any], regularizer_weight: float) -> LossTerms:
         """The ELBO terms of one draw, run inside the model's ``forward`` (so under DDP).
 
-        Only ``nll`` keeps its graph, which reaches A, B and the head through the held draw's
-        leaves. The guide's terms (KL, cooperative), whose graph shares nodes with the draw,
-        are held with it and go back in one pass in :meth:`training_step`; returning them
-        detached lets DDP treat the variational parameters as unused by this backward pass.
+        Only ``nll`` has a graph, which reaches A, B and the head, and the held draw's leaves.
+        The guide's side (its draw, the KL, the cooperative loss) is computed without one, and
+        its gradient comes in :meth:`training_step` from the same draw made again with its
+        graph (:meth:`ELBOLoss.guide_terms`); so DDP sees the variational parameters as unused
+        by this backward pass, and the draw's graph is not kept during the network's backward.
         """
         terms = self.elbo(batch, self.dataset_size, self.held_draw)
-        regularizer = regularizer_weight * (self.elbo.kl_weight * terms.kl + self.elbo.cooperative_weight * terms.cooperative)
         scaler = getattr(self.accelerator, "scaler", None)  # fp16: the network's gradients are scaled too
-        self.held_draw.hold_regularizer(regularizer * (scaler.get_scale() if scaler is not None else 1.0))
-        return LossTerms(
-            loss=terms.loss.detach(), nll=terms.nll, kl=terms.kl.detach(), cooperative=terms.cooperative.detach()
-        )
+        scale = regularizer_weight * (scaler.get_scale() if scaler is not None else 1.0)
+
+        def redraw() -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+            noise, kl, cooperative = self.elbo.guide_terms(self.dataset_size)
+            return noise, scale * (self.elbo.kl_weight * kl + self.elbo.cooperative_weight * cooperative)
+
+        self.held_draw.remember(redraw)
+        return LossTerms(loss=terms.loss.detach(), nll=terms.nll, kl=terms.kl, cooperative=terms.cooperative)
 
     def training_step(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any = None) -> torch.Tensor:
         """Trainer's step (forward, backward), then the chain rule from the held draw to the guide."""
