@@ -74,6 +74,15 @@ def _args(batch_size: int, steps: int, checkpointing: bool) -> TrainingArguments
     )
 
 
+def answer_batch(batch_size: int, length: int, answer_tokens: int = 4, vocab: int = 49152, seed: int = 0) -> dict:
+    """Instruction-like causal-LM batch: random tokens, only the last ``answer_tokens`` scored."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, vocab, (batch_size, length), generator=g)
+    labels = torch.full_like(ids, -100)
+    labels[:, -answer_tokens:] = ids[:, -answer_tokens:]
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
 def make_trainers(make_base: Callable[[], Any], batch: dict, causal: bool, steps: int, checkpointing: bool) -> dict:
     size = len(batch["input_ids"])
     data = FixedBatch(batch, size * steps)
@@ -84,8 +93,14 @@ def make_trainers(make_base: Callable[[], Any], batch: dict, causal: bool, steps
                                                   task_type=task))
     torch.manual_seed(0)
     ours = MonteCLoRA.from_model(make_base(), MonteCLoRAConfig(**LORA))
+    methods = [("lora", lora, Trainer), ("ours", ours, MonteCLoRATrainer)]
+    if causal:  # ours with the LM head on every position, as plain LoRA computes it
+        torch.manual_seed(0)
+        full = MonteCLoRA.from_model(make_base(), MonteCLoRAConfig(**LORA))
+        full.model.logits_on_targets = False
+        methods.append(("ours_full_logits", full, MonteCLoRATrainer))
     trainers = {}
-    for name, model, kind in (("lora", lora, Trainer), ("ours", ours, MonteCLoRATrainer)):
+    for name, model, kind in methods:
         timer = StepTimer()
         trainer = kind(model=model, args=_args(size, steps, checkpointing), train_dataset=data, callbacks=[timer])
         trainer.remove_callback(PrinterCallback)
@@ -93,11 +108,12 @@ def make_trainers(make_base: Callable[[], Any], batch: dict, causal: bool, steps
     return trainers
 
 
-def step_ratio(trainers: dict, reps: int) -> tuple[float, dict[str, float]]:
-    ratios, medians = [], {name: [] for name in trainers}
+def step_ratios(trainers: dict, reps: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Median over repetitions of each method's median step over LoRA's, and the median steps."""
+    ratios, medians = {name: [] for name in trainers}, {name: [] for name in trainers}
     names = list(trainers)
     for rep in range(reps):
-        order = names[rep % 2:] + names[: rep % 2]
+        order = names[rep % len(names):] + names[: rep % len(names)]
         per_rep = {}
         for name in order:
             trainer, timer = trainers[name]
@@ -105,8 +121,9 @@ def step_ratio(trainers: dict, reps: int) -> tuple[float, dict[str, float]]:
             trainer.train()
             per_rep[name] = statistics.median(timer.seconds[1:])
             medians[name].append(per_rep[name])
-        ratios.append(per_rep["ours"] / per_rep["lora"])
-    return statistics.median(ratios), {n: statistics.median(v) for n, v in medians.items()}
+        for name in names:
+            ratios[name].append(per_rep[name] / per_rep["lora"])
+    return ({n: statistics.median(v) for n, v in ratios.items()}, {n: statistics.median(v) for n, v in medians.items()})
 
 
 def training_memory(trainer: Trainer) -> int:
@@ -141,17 +158,27 @@ def compare(label: str, make_base, batch: dict, causal: bool, reps: int, steps: 
               f"{steps} steps per method.", "",
               "| checkpointing | LoRA step (ms) | ours step (ms) | step / LoRA | LoRA memory (MiB) | ours memory (MiB) "
               "| memory / LoRA |", "|---|---|---|---|---|---|---|"]
-    memory = {}
+    memory, full = {}, []
     for checkpointing in (False, True) if causal else (False,):
         trainers = make_trainers(make_base, batch, causal, steps, checkpointing)
-        ratio, medians = step_ratio(trainers, reps)
+        ratios, medians = step_ratios(trainers, reps)
         memory[checkpointing] = {name: training_memory(t) for name, (t, _) in trainers.items()}
         m = memory[checkpointing]
         lines.append(
             f"| {'on' if checkpointing else 'off'} | {medians['lora'] * 1e3:.0f} | {medians['ours'] * 1e3:.0f} | "
-            f"**{ratio:.3f}** | {m['lora'] / 2**20:.1f} | {m['ours'] / 2**20:.1f} | **{m['ours'] / m['lora']:.3f}** |"
+            f"**{ratios['ours']:.3f}** | {m['lora'] / 2**20:.1f} | {m['ours'] / 2**20:.1f} | **{m['ours'] / m['lora']:.3f}** |"
         )
-        print("\n".join(lines[-1:]), flush=True)
+        if "ours_full_logits" in ratios:
+            full.append(
+                f"| {'on' if checkpointing else 'off'} | {ratios['ours_full_logits']:.3f} | "
+                f"{m['ours_full_logits'] / m['lora']:.3f} | {ratios['ours_full_logits'] / ratios['ours']:.3f} |"
+            )
+        print("\n".join(lines[-1:] + full[-1:]), flush=True)
+    if full:
+        lines += ["", "MonteCLoRA with the LM head on every position (as plain LoRA computes it), and what computing "
+                  "logits only on the scored positions saves:", "",
+                  "| checkpointing | step / LoRA | memory / LoRA | step, all positions / answer positions |",
+                  "|---|---|---|---|", *full]
     if True in memory:
         lines += [""] + [
             f"Activation checkpointing saves {(memory[False][n] - memory[True][n]) / 2**20:.1f} MiB "
@@ -189,11 +216,11 @@ def main(argv=None) -> None:
         compare("MiniLM (all-MiniLM-L6-v2), 32 x 64 tokens", overhead.minilm, overhead.batch_for("minilm", 32, 64),
                 False, args.reps, args.steps, lines)
     if "llama" in models:
-        compare("Random-init Llama (hidden 1024, 4 blocks)", lambda: overhead.llama(4, 1024),
+        compare("Random-init Llama (hidden 1024, 4 blocks), 2 x 128 tokens, all scored", lambda: overhead.llama(4, 1024),
                 overhead.batch_for("llama", 2, 128), True, max(2, args.reps // 2), args.steps, lines)
     if "smollm2" in models:
-        batch = overhead.batch_for("llama", 8, 128)
-        compare("SmolLM2-135M-Instruct (GGUF, dequantized), 8 x 128 tokens", smollm2, batch, True,
+        batch = answer_batch(8, 128, answer_tokens=4)
+        compare("SmolLM2-135M-Instruct (GGUF, dequantized), 8 x 128 tokens, the last 4 scored", smollm2, batch, True,
                 max(2, args.reps // 3), max(3, args.steps - 1), lines)
     text = "\n".join(lines) + "\n"
     print(text)

@@ -244,10 +244,10 @@ class Predictive(nn.Module):
         if "labels" not in batch:
             raise ValueError("sequence log-likelihoods need batch['labels'] (IGNORE_INDEX on unscored positions)")
         labels = batch["labels"].to(device_of(self.monteclora))
-        if not self.monteclora.model.logits_on_targets:
+        positions, valid = target_positions(labels)  # the LM head on the scored positions only
+        if not self.monteclora.model.logits_on_targets or positions.shape[1] >= labels.shape[1] - 1:
             logits = self.sample_logits(batch)
             return _token_log_likelihood(logits, labels)
-        positions, valid = target_positions(labels)  # the LM head on the scored positions only
         logits = self.sample_logits({**batch, "logits_to_keep": positions})  # (S, n, K, V)
         log_probs = torch.log_softmax(logits.float(), dim=-1)
         targets = torch.where(valid, labels.gather(1, positions + 1), torch.zeros_like(positions))

@@ -110,7 +110,10 @@ class MonteCLoRAModel(nn.Module):
         positions = None
         if self.task == "causal_lm" and labels is not None and self.logits_on_targets:
             positions = target_positions(labels)  # the LM head runs on the answer positions only
-            inputs["logits_to_keep"] = positions[0]
+            if positions[0].shape[1] < labels.shape[1] - 1:
+                inputs["logits_to_keep"] = positions[0]
+            else:  # every position is scored: gathering them would only copy the hidden states
+                positions = None
         with float32(batch):
             noise = self.noise(latents)
         if hold is not None:
