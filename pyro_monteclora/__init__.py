@@ -15,6 +15,7 @@ Example:
 """
 
 from . import calibration, distributions, evaluation, inspection, predictive, train
+from .bayesianize import bayesianize
 from .calibration import calibration_metrics, reliability_diagram
 from .config import MonteCLoRAConfig
 from .evaluation import evaluate
@@ -23,6 +24,7 @@ from .io import load, save_pretrained, save_result
 from .monteclora import MonteCLoRA
 from .predictive import Predictive, multiple_choice, predict, sequence_log_likelihood
 from .train import MonteCLoRATrainer, MonteCLoRATrainerMixin, TrainingDiverged, TrainResult
+from .uncertainty import ood_scores, selective_prediction
 
 __version__ = "0.1.0"
 
@@ -42,6 +44,9 @@ __all__ = [
     "sequence_log_likelihood",
     "multiple_choice",
     "evaluate",
+    "ood_scores",
+    "selective_prediction",
+    "bayesianize",
     "calibration_metrics",
     "reliability_diagram",
     "render_model",
