@@ -11,7 +11,7 @@ both alike.
 Memory is counted the way it would sit on an accelerator (CPU has no allocator peak counter):
 parameters and buffers of the model (frozen and trainable) + gradients + AdamW state + the
 tensors saved for backward by one ``compute_loss`` (unique storages, through
-``saved_tensors_hooks``). With activation checkpointing, only what the checkpoints keep is
+``saved_tensors_hooks``) + MonteCLoRA's held noise (one LoRA-A-sized tensor per layer). With activation checkpointing, only what the checkpoints keep is
 saved; the saving is reported for both methods.
 
 Usage: ``python benchmarks/trainer_overhead.py [--reps 6] [--steps 4] [--models minilm,llama,smollm2]``
@@ -145,7 +145,8 @@ def training_memory(trainer: Trainer) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = trainer.compute_loss(model, batch)
     del loss
-    if hasattr(trainer, "held_draw"):
+    if hasattr(trainer, "held_draw"):  # the held draw's noise lives through the backward pass too
+        saved += sum(leaf.untyped_storage().nbytes() for leaf in trainer.held_draw.leaves.values())
         trainer.held_draw.release()
     tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
     weights = sum(t.numel() * t.element_size() for t in tensors.values())
