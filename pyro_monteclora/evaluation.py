@@ -13,7 +13,7 @@ Example:
     >>> data = [{"text": "good", "label": 1}, {"text": "bad", "label": 0}]
     >>> result = evaluate(mc, data, num_samples=2, tokenizer=toy_tokenizer(["good", "bad"]))
     >>> sorted(result), sorted(result["predictive"])
-    (['mean', 'predictive'], ['accuracy', 'brier', 'ece', 'nll'])
+    (['mean', 'predictive'], ['accuracy', 'aurc', 'brier', 'ece', 'nll'])
 """
 
 from __future__ import annotations
@@ -100,17 +100,31 @@ def evaluate(
     num_bins: int = 15,
     seed: Optional[int] = 0,
     tokenizer: Any = None,
-) -> dict[str, dict[str, float]]:
-    """``{"mean": metrics, "predictive": metrics}`` with metrics ``accuracy``, ``nll``, ``brier``, ``ece``.
+    return_curves: bool = False,
+) -> dict[str, Any]:
+    """``{"mean": metrics, "predictive": metrics}``: ``accuracy``, ``nll``, ``brier``, ``ece``, ``aurc``.
 
     ``mean`` uses the mean adapter (plain LoRA), ``predictive`` the posterior predictive with
     ``num_samples`` adapters drawn from the guide (the same S draws for every batch, seeded by
     ``seed``; the caller's RNG is untouched). ``dataset``: a ``Dataset``, a ``DatasetDict``
     (its ``test``/``validation`` split), a list of rows or a local file. A causal LM is
     evaluated by multiple choice over each row's allowed answers (all rows need as many).
+
+    ``aurc`` is the area under the risk-coverage curve of selective prediction (answer the most
+    confident examples first; lower is better, see
+    :func:`pyro_monteclora.uncertainty.selective_prediction`). With ``return_curves``, the
+    result also has ``curves``: per method, the ``coverage`` and ``accuracy`` lists.
     """
+    from .uncertainty import selective_prediction
+
     outputs = evaluation_outputs(monteclora, dataset, num_samples, batch_size, seed, tokenizer)
     labels = outputs["labels"]
-    return {
-        name: calibration_metrics(outputs[name]["probs"], labels, num_bins) for name in ("mean", "predictive")
-    }
+    result: dict[str, Any] = {}
+    curves = {}
+    for name in ("mean", "predictive"):
+        curve = selective_prediction(outputs[name]["probs"], labels)
+        result[name] = {**calibration_metrics(outputs[name]["probs"], labels, num_bins), "aurc": curve["aurc"]}
+        curves[name] = {"coverage": curve["coverage"].tolist(), "accuracy": curve["accuracy"].tolist()}
+    if return_curves:
+        result["curves"] = curves
+    return result

@@ -226,7 +226,7 @@ def test_evaluate_a_classifier_and_a_causal_lm(bert, llama, tmp_path):
     result = evaluate(bert, data, num_samples=3, batch_size=2, tokenizer=toy_tokenizer(["good", "bad", "film"]))
     assert torch.equal(torch.get_rng_state(), state)
     assert set(result) == {"mean", "predictive"}
-    assert set(result["mean"]) == {"accuracy", "nll", "brier", "ece"}
+    assert set(result["mean"]) == {"accuracy", "nll", "brier", "ece", "aurc"}
     assert result["mean"] != result["predictive"]
     rows = [
         {"instruction": "Is it true?\n\nAnswer format: true/false", "input": "", "output": "the correct answer is true", "answer": "true"},

@@ -94,3 +94,17 @@ def test_ood_scores_on_a_causal_lm_score_both_sets_over_the_same_candidates(word
     result = ood_scores(mc, inside, outside, num_samples=3, candidates=["good", "bad"], return_scores=True)
     assert result["scores"]["entropy"][0].shape == (2,) and result["scores"]["entropy"][1].shape == (3,)
     assert all(0 <= result[name]["auroc"] <= 1 for name in ("max_probability", "entropy", "mutual_information"))
+
+
+def test_evaluate_reports_selective_prediction(word_tokenizer):
+    from pyro_monteclora import evaluate
+
+    mc = MonteCLoRA.from_model(tiny_bert(vocab_size=16), lora_r=4, sample_scaler=0.3)
+    nonzero_lora_b(mc.network)
+    data = [{"text": t, "label": i % 2} for i, t in enumerate(["the good", "good is", "the bad", "bad is", "is"])]
+    result = evaluate(mc, data, num_samples=3, tokenizer=word_tokenizer, return_curves=True)
+    for name in ("mean", "predictive"):
+        curve = result["curves"][name]
+        assert len(curve["coverage"]) == 5 and curve["coverage"][-1] == 1.0
+        assert curve["accuracy"][-1] == pytest.approx(result[name]["accuracy"])  # full coverage: plain accuracy
+        assert result[name]["aurc"] == pytest.approx(sum(1 - a for a in curve["accuracy"]) / 5)
