@@ -132,10 +132,9 @@ class MonteCLoRATrainerMixin:
         self.divergence = DivergenceMonitor()
         self._dataset_size = dataset_size
         self._step_examples: Optional[int] = None
-        self._term_sums: dict[str, torch.Tensor] = {}
-        self._term_count = 0
-        self._micro_terms: list[dict[str, torch.Tensor]] = []
-        self.step_terms: dict[str, torch.Tensor] = {}
+        self._micro_terms: list[dict[str, torch.Tensor]] = []  # this optimizer step's micro-batches
+        self._logged_steps: list[dict[str, torch.Tensor]] = []  # steps since the last log record
+        self.step_terms: dict[str, torch.Tensor] = {}  # the last step's terms, averaged over its micro-batches
 
     # --- the objective ------------------------------------------------------------------------
 
@@ -185,9 +184,6 @@ class MonteCLoRATrainerMixin:
         step = self.state.global_step + 1
         detached = terms.detached()
         self.divergence.record_terms(step, {k: detached[k] for k in TERMS})
-        for k in TERMS:
-            self._term_sums[k] = self._term_sums.get(k, 0) + detached[k]
-        self._term_count += 1
         self._micro_terms.append({k: detached[k] for k in ("loss",) + TERMS})
         return (loss, detached) if return_outputs else loss
 
@@ -218,8 +214,8 @@ class MonteCLoRATrainerMixin:
             self.held_draw.backward_to_guide(list(self.monteclora.guide.parameters()), self._average)
             if self.accelerator.sync_gradients:  # the step's last micro-batch: its gradients are complete
                 self.divergence.record_gradients(self.state.global_step + 1, self._trainable())
-                count = len(self._micro_terms)
-                self.step_terms = {k: sum(t[k] for t in self._micro_terms) / count for k in self._micro_terms[0]}
+                self.step_terms = _mean(self._micro_terms)
+                self._logged_steps.append(self.step_terms)
                 self._micro_terms = []
         finally:
             self.held_draw.release()
@@ -256,15 +252,14 @@ class MonteCLoRATrainerMixin:
             raise TrainingDiverged(f"training diverged at step {step}: {term} became non-finite; {CAUSES}") from None
 
     def log(self, logs: dict[str, float], start_time: Optional[float] = None) -> None:
-        if "loss" in logs and self._term_count:
+        if "loss" in logs and self._logged_steps:
             self._check_divergence()
-            count = self._term_count
-            for k in TERMS:
-                value = self._term_sums[k] / count
-                if self.accelerator.num_processes > 1:
-                    value = self.accelerator.reduce(value.to(self.accelerator.device), "mean")
-                logs[k] = float(value)
-            self._term_sums, self._term_count = {}, 0
+            for k, value in _mean(self._logged_steps).items():
+                if k in TERMS:
+                    if self.accelerator.num_processes > 1:
+                        value = self.accelerator.reduce(value.to(self.accelerator.device), "mean")
+                    logs[k] = float(value)
+            self._logged_steps = []
         super().log(logs, start_time)
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
@@ -320,6 +315,10 @@ class MonteCLoRATrainerMixin:
 
 class MonteCLoRATrainer(MonteCLoRATrainerMixin, Trainer):
     """``transformers.Trainer`` training a MonteCLoRA adapter (see :class:`MonteCLoRATrainerMixin`)."""
+
+
+def _mean(records: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {k: sum(r[k] for r in records) / len(records) for k in records[0]}
 
 
 def _batch_size(batch: Any) -> int:
