@@ -8,6 +8,7 @@ and turn dropout off so that splitting a batch changes nothing but the summation
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
@@ -229,3 +230,24 @@ def test_the_redrawn_adapter_equals_the_held_one_bitwise(word_tokenizer):
     assert torch.equal(torch.get_rng_state(), after)  # the caller's random state is left as it was
     hold.release()
     assert all(g.slot.value is None for g in mc.groups)
+
+
+def test_save_model_writes_an_adapter_folder_that_load_reads(tmp_path, word_tokenizer):
+    mc = _monteclora()
+    data, collator = examples_dataset(mc, _rows(), word_tokenizer, max_length=32)
+    trainer = MonteCLoRATrainer(model=mc, args=_args(tmp_path, max_grad_norm=1.0), train_dataset=data,
+                                data_collator=collator, processing_class=word_tokenizer)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "saved"))
+    assert not any(name.endswith((".bin", ".pt", ".pth")) for name in os.listdir(tmp_path / "saved"))  # no pickles
+    again = pyro_monteclora.load(tiny_llama(vocab_size=16), tmp_path / "saved")
+    batch = collator([data[0], data[1]])
+    with torch.no_grad():
+        assert torch.equal(again.mean_logits(batch), mc.eval().mean_logits(batch))
+    for name, value in mc.guide.state_dict().items():
+        assert torch.equal(again.guide.state_dict()[name], value), name
+
+
+def test_fp16_on_the_cpu_is_refused_clearly(word_tokenizer):
+    with pytest.raises(ValueError, match="fp16.*needs a CUDA GPU.*bf16"):
+        _train(word_tokenizer, mixed_precision="fp16")
