@@ -163,7 +163,7 @@ def test_bf16_autocast_trains_with_float32_probability(word_tokenizer, monkeypat
         return take(self, noise)
 
     monkeypatch.setattr(pyro_monteclora.train.draw.HeldDraw, "take", recording)
-    result = _train(word_tokenizer, mixed_precision="bf16", num_epochs=1)
+    result = _train(word_tokenizer, mixed_precision="bf16", num_epochs=1, learning_rate=1e-3)
     assert dtypes == {"noise": {torch.float32}, "autocast": True}
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in result.history)
     assert all(p.dtype == torch.float32 for p in result.model.guide.parameters())
