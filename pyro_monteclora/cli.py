@@ -21,6 +21,7 @@ import inspect
 import json
 import os
 import sys
+import tempfile
 import typing
 import warnings
 from typing import Any, Callable, Optional, Sequence
@@ -157,7 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--model",
         default=None,
-        help="Base model folder or hub id (default: the packaged offline all-MiniLM-L6-v2).",
+        help="Base model folder or hub id, or 'smollm2' for the packaged SmolLM2-135M-Instruct "
+        "(default: the packaged offline all-MiniLM-L6-v2).",
+    )
+    train.add_argument(
+        "--gguf-file", default=None,
+        help="A GGUF file inside the --model folder to load (dequantized) instead of safetensors (default: none).",
     )
     train.add_argument(
         "--data",
@@ -224,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--lora-only", action="store_true",
         help="Leave out fully trained modules such as the classifier (default: keep them under their peft keys).",
     )
+    kohya.add_argument("--overwrite", action="store_true", help="Replace an existing output file (default: refuse).")
 
     defaults = _defaults_of(summary)
     inspection = commands.add_parser(
@@ -236,6 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-samples", type=int, default=defaults["num_samples"],
         help=f"Guide draws for the noise-share estimate (default: {defaults['num_samples']}).",
     )
+    for sub in commands.choices.values():
+        sub.add_argument(
+            "--verbose", action="store_true",
+            help="Show the libraries' logs, warnings and progress bars (default: only what the command reports).",
+        )
     return parser
 
 
@@ -274,22 +286,48 @@ def load_data_arg(spec: str) -> Any:
     return load_dataset(spec)
 
 
-def _labels(data: Any) -> tuple[Optional[int], Optional[dict[int, str]]]:
+def _labels(data: Any, num_labels: Optional[int]) -> tuple[Optional[int], Optional[dict[int, str]]]:
+    """The classes of the training labels: their count and names (printed once on stderr).
+
+    String labels become classes 0..K-1 in sorted order; integer labels must be 0..K-1 (or
+    fit in ``--num-labels``); anything else is an error that says what to fix.
+    """
     from datasets import DatasetDict
 
     split = data["train"] if isinstance(data, DatasetDict) and "train" in data else data
     if isinstance(split, DatasetDict):
         split = next(iter(split.values()))
     if "label" not in split.column_names:
-        return None, None
+        return num_labels, None
     feature = split.features["label"]
     if getattr(feature, "names", None):
-        return len(feature.names), dict(enumerate(feature.names))
-    values = set(split["label"])
-    if all(isinstance(v, str) for v in values):
-        names = sorted(values)
-        return len(names), dict(enumerate(names))
-    return max(2, int(max(values)) + 1), None
+        names = dict(enumerate(feature.names))
+    else:
+        values = set(split["label"])
+        if all(isinstance(v, str) for v in values):
+            names = dict(enumerate(sorted(values)))
+        elif all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            top = max(values)
+            count = num_labels if num_labels is not None else top + 1
+            if min(values) < 0 or top >= count:
+                raise ValueError(f"integer labels must lie in [0, {count}); the data has {sorted(values)[:10]}")
+            if num_labels is None and len(values) != count:
+                missing = sorted(set(range(count)) - values)
+                raise ValueError(
+                    f"the integer labels {sorted(values)[:10]} skip class(es) {missing[:10]}: renumber them 0..K-1, "
+                    f"or pass --num-labels {count} to keep {count} classes"
+                )
+            names = {i: str(i) for i in range(count)}
+        else:
+            kinds = sorted({type(v).__name__ for v in values})
+            raise ValueError(f"labels must be all integers or all strings; the 'label' column holds {', '.join(kinds)}")
+    if num_labels is not None and num_labels != len(names):
+        raise ValueError(f"--num-labels {num_labels} does not match the {len(names)} label names {list(names.values())}")
+    if len(names) < 2:
+        raise ValueError(f"the training data has a single class ({list(names.values())}): a classifier needs at least two")
+    shown = ", ".join(names.values()) if len(names) <= 10 else ", ".join(list(names.values())[:10]) + ", ..."
+    print(f"classification: {len(names)} classes: {shown}", file=sys.stderr)
+    return len(names), names
 
 
 def _tokenizer(path: str) -> Any:
@@ -309,46 +347,108 @@ def _base_model_path(args: argparse.Namespace) -> str:
     return recorded
 
 
+def _is_smollm2(path: str) -> bool:
+    from .examples import SMOLLM2_FILE
+
+    return path == "smollm2" or (
+        os.path.isfile(os.path.join(path, SMOLLM2_FILE)) and not os.path.isfile(os.path.join(path, "config.json"))
+    )
+
+
 def _load_monteclora(args: argparse.Namespace) -> Any:
     from .io import load
 
-    return load(_base_model_path(args), args.adapter_path)
+    path = _base_model_path(args)
+    if _is_smollm2(path):
+        from .examples import load_smollm2
+
+        model, tokenizer = load_smollm2()
+        return load(model, args.adapter_path, tokenizer=tokenizer)
+    return load(path, args.adapter_path)
 
 
 # --- subcommands ---------------------------------------------------------------------------------
 
 
+def _writable_target(path: str, overwrite: bool) -> str:
+    """The one rule of every writer: an existing file or non-empty folder is replaced only with
+    ``--overwrite``; missing parent folders are created. Checked (with a real write) before any work."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and (os.path.isfile(path) or os.listdir(path)) and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass --overwrite to replace it, or choose another path")
+    parent = os.path.dirname(path)
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise NotADirectoryError(f"cannot create {path}: a parent of it is a file, not a folder") from None
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as error:
+        raise PermissionError(f"cannot write to {parent}: {error.strerror}") from None
+    return path
+
+
 def _train(args: argparse.Namespace) -> int:
+    import torch
+
     from .config import MonteCLoRAConfig
     from .examples import minilm_path
-    from .io import check_output_folder, save_result
+    from .io import final_metrics, save_result
     from .quantization import load_base_model
     from .train import train
 
     config = MonteCLoRAConfig().replace(**_config_overrides(args))
-    check_output_folder(os.path.abspath(args.output_dir), args.overwrite)  # fail before training, not after
+    output_dir = _writable_target(args.output_dir, args.overwrite)  # fail before training, not after
     model_path = args.model or minilm_path()
     data = load_data_arg(args.data)
     eval_data = load_data_arg(args.eval_data) if args.eval_data else None
     task = config.task
+    smollm2 = _is_smollm2(model_path) or args.gguf_file is not None
     if task == "auto":
         from .quantization import _task_of_folder
 
-        task = _task_of_folder(model_path) if os.path.isdir(model_path) else "classification"
+        if smollm2:
+            task = "causal_lm"
+        else:
+            task = _task_of_folder(model_path) if os.path.isdir(model_path) else "classification"
     num_labels, id2label = (args.num_labels, None)
-    if task == "classification" and num_labels is None:
-        num_labels, id2label = _labels(data)
-    tokenizer = _tokenizer(model_path)
-    base = load_base_model(
-        model_path, task, config.quantization, num_labels=num_labels, id2label=id2label, exclude=config.modules_to_save
-    )
-    result = train(base, data, config.replace(task=task, output_dir=None), tokenizer=tokenizer, eval_dataset=eval_data)
-    result.config = result.config.replace(output_dir=os.path.abspath(args.output_dir))
-    folder = save_result(result, args.output_dir, overwrite=args.overwrite)
-    from .io import final_metrics
-
-    print(json.dumps({"output_dir": folder, "merged": config.merge_adapter, "metrics": final_metrics(result)}, sort_keys=True))
+    if task == "classification":
+        num_labels, id2label = _labels(data, args.num_labels)
+    with torch.random.fork_rng():  # the seed covers everything the command creates, a new head included
+        torch.manual_seed(config.seed)
+        if smollm2:
+            base, tokenizer = _load_gguf(model_path, args.gguf_file)
+        else:
+            tokenizer = _tokenizer(model_path)
+            base = load_base_model(
+                model_path, task, config.quantization, num_labels=num_labels, id2label=id2label,
+                exclude=config.modules_to_save,
+            )
+    result = train(base, data, config.replace(task=task, output_dir=None), tokenizer=tokenizer, eval_dataset=eval_data,
+                   verbose=args.verbose)
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    result.config = result.config.replace(output_dir=output_dir)
+    folder = save_result(result, output_dir, overwrite=True)  # refused above unless --overwrite
+    print(json.dumps({"output_dir": folder, "merged": config.merge_adapter, "metrics": final_metrics(result),
+                      "warnings": result.warnings}, sort_keys=True))
     return 0
+
+
+def _load_gguf(model_path: str, gguf_file: Optional[str]) -> tuple[Any, Any]:
+    from .examples import load_smollm2
+
+    if gguf_file is None or model_path == "smollm2":
+        return load_smollm2()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not os.path.isfile(os.path.join(model_path, gguf_file)):
+        raise FileNotFoundError(f"no GGUF file {gguf_file!r} in {model_path!r}")
+    tokenizer = AutoTokenizer.from_pretrained(model_path, gguf_file=gguf_file)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return AutoModelForCausalLM.from_pretrained(model_path, gguf_file=gguf_file), tokenizer
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -369,8 +469,10 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     from .predictive import predict
 
-    if (args.text is None) == (args.data is None):
-        raise ValueError("give texts with --text (repeatable) or a file with --data, not both")
+    if args.text is None and args.data is None:
+        raise ValueError("nothing to predict: give texts with --text (repeatable) or a file with --data")
+    if args.text is not None and args.data is not None:
+        raise ValueError("give texts with --text or a file with --data, not both")
     monteclora = _load_monteclora(args)
     if args.text is not None:
         texts = list(args.text)
@@ -399,6 +501,8 @@ def _predict(args: argparse.Namespace) -> int:
 def _merge(args: argparse.Namespace) -> int:
     from .merge import merge
 
+    if args.output_folder:
+        _writable_target(args.output_folder, args.overwrite)
     token = args.token or os.environ.get("HF_TOKEN")
     if token:
         _SECRETS.append(token)
@@ -418,7 +522,8 @@ def _merge(args: argparse.Namespace) -> int:
 def _convert_kohya(args: argparse.Namespace) -> int:
     from .kohya import peft_to_kohya
 
-    print(json.dumps({"kohya": peft_to_kohya(args.adapter_path, args.output, include_modules_to_save=not args.lora_only)}))
+    output = _writable_target(args.output, args.overwrite)
+    print(json.dumps({"kohya": peft_to_kohya(args.adapter_path, output, include_modules_to_save=not args.lora_only)}))
     return 0
 
 
@@ -426,6 +531,8 @@ def _inspect(args: argparse.Namespace) -> int:
     from .inspection import format_summary, render_model_text, summary
     from .io import read_metadata
 
+    if args.num_samples < 1:
+        raise ValueError(f"--num-samples must be a positive integer, got {args.num_samples}")
     meta = read_metadata(args.adapter_path)
     monteclora = _load_monteclora(args)
     print(f"pyro-monteclora {meta.get('pyro_monteclora_version')} adapter on {meta.get('base_model_name_or_path')}")
@@ -472,10 +579,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
     args = build_parser().parse_args(argv)
     try:
-        from transformers.utils import logging as hf_logging
+        from .quiet import quiet
 
-        hf_logging.set_verbosity_error()
-        return COMMANDS[args.command](args)
+        with quiet(args.verbose):
+            return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("pyro-monteclora: interrupted", file=sys.stderr)
         return 130

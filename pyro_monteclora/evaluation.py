@@ -24,6 +24,7 @@ import torch
 from datasets import Dataset, DatasetDict
 
 from .calibration import calibration_metrics
+from .quiet import quiet
 from .data import DataLike, load_data, pad_token_id, tokenize_classification
 from .predictive import (
     Predictive,
@@ -117,7 +118,8 @@ def evaluate(
     """
     from .uncertainty import selective_prediction
 
-    outputs = evaluation_outputs(monteclora, dataset, num_samples, batch_size, seed, tokenizer)
+    with quiet():
+        outputs = evaluation_outputs(monteclora, dataset, num_samples, batch_size, seed, tokenizer)
     labels = outputs["labels"]
     result: dict[str, Any] = {}
     curves = {}

@@ -191,6 +191,9 @@ def _atomic_write(folder: PathLike, overwrite: bool, write: Any) -> str:
     parent = os.path.dirname(folder)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.tmp-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the output gets the usual permissions
     try:
         write(tmp)
     except BaseException:
@@ -337,14 +340,27 @@ def save_merged(
 
 
 def final_metrics(result: Any) -> dict[str, float]:
-    """The last evaluation's metrics (``eval_`` prefix) and the last step's training loss terms."""
+    """The last evaluation's metrics (``eval_``) and the last step's training terms (``train_``).
+
+    NLLs carry their unit in the name, the same for training and evaluation: ``nll_per_example``
+    for classification; for a causal LM ``nll_per_sequence`` (the ELBO's unit, training and
+    evaluation) and ``eval_nll_per_token``.
+    """
+    causal = getattr(result.model, "task", None) == "causal_lm"
+    unit = "nll_per_sequence" if causal else "nll_per_example"
     metrics: dict[str, float] = {}
     if result.history:
         last = result.history[-1]
-        metrics.update({f"train_{k}": float(last[k]) for k in ("loss", "nll", "kl") if k in last})
+        metrics.update({f"train_{k}": float(last[k]) for k in ("loss", "kl") if k in last})
+        if "nll" in last:
+            metrics[f"train_{unit}"] = float(last["nll"])
         metrics["train_steps"] = int(last.get("step", len(result.history)))
     if result.evaluations:
-        metrics.update({f"eval_{k}": float(v) for k, v in result.evaluations[-1].items() if k != "epoch"})
+        for key, value in result.evaluations[-1].items():
+            if key == "epoch":
+                continue
+            name = {"nll": "nll_per_token" if causal else unit}.get(key, key)
+            metrics[f"eval_{name}"] = float(value)
     return metrics
 
 

@@ -151,6 +151,7 @@ def attach_lora(
             f"{type(model).__name__} has no linear layers to adapt: MonteCLoRA adapts nn.Linear "
             "(or transformers Conv1D) layers"
         )
+    _check_modules_to_save(model, config.modules_to_save)
     lora_config = LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
@@ -188,6 +189,18 @@ def attach_lora(
                 "or leave this layer out of target_modules"
             )
     return network, _make_groups(layers, config)
+
+
+def _check_modules_to_save(model: nn.Module, names: Optional[list[str]]) -> None:
+    """Every ``modules_to_save`` entry must name a module (peft matches it as a name suffix)."""
+    known = [n for n, _ in model.named_modules() if n]
+    unknown = [m for m in names or [] if not any(n == m or n.endswith("." + m) for n in known)]
+    if unknown:
+        top = sorted({n.split(".")[0] for n in known})
+        raise ValueError(
+            f"modules_to_save={unknown} matches no module of {type(model).__name__}; its top-level modules are "
+            f"{top} (a name may also be the last part of a module path, such as 'classifier')"
+        )
 
 
 def _make_groups(layers: list[tuple[str, LoraLayer]], config: MonteCLoRAConfig) -> tuple[LayerGroup, ...]:

@@ -26,7 +26,7 @@ from .layers import LayerGroup, attach_lora
 from .models import MonteCLoRAModel
 from .models.model import NON_INPUT_KEYS
 
-__all__ = ["MonteCLoRA", "infer_task", "device_of"]
+__all__ = ["MonteCLoRA", "infer_task", "device_of", "check_decoder"]
 
 
 def device_of(module: Any) -> torch.device:
@@ -48,6 +48,24 @@ def infer_task(model: nn.Module) -> str:
         f"cannot tell the task of a {name}: pass task='classification' (a model returning "
         "(batch, classes) logits) or task='causal_lm' (a model returning (batch, length, vocab) logits)"
     )
+
+
+#: Encoder-only model types: they have no causal LM to fine-tune (a BERT "LM head" is a masked LM).
+ENCODER_MODEL_TYPES = frozenset({
+    "albert", "bert", "camembert", "deberta", "deberta-v2", "distilbert", "electra", "ernie", "modernbert",
+    "mpnet", "roberta", "xlm-roberta",
+})
+
+
+def check_decoder(model: nn.Module) -> None:
+    """Refuse an encoder-only model for causal-LM training, with the reason and what to use instead."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type in ENCODER_MODEL_TYPES and not getattr(config, "is_decoder", False):
+        raise ValueError(
+            f"task='causal_lm' needs a decoder (a causal language model such as Llama, GPT-2 or SmolLM2), "
+            f"but {type(model).__name__} is a {model_type} encoder; use task='classification' with it"
+        )
 
 
 class MonteCLoRA(nn.Module):
@@ -95,6 +113,8 @@ class MonteCLoRA(nn.Module):
         """Attach a MonteCLoRA adapter to a transformers model (modified in place by peft)."""
         config = (config or MonteCLoRAConfig()).replace(**overrides)
         task = infer_task(model) if config.task == "auto" else config.task
+        if task == "causal_lm":
+            check_decoder(model)
         if config.quantization:
             from .quantization import quantization_of, quantize_base
 

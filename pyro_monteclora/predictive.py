@@ -45,6 +45,7 @@ from .layers import noise_context
 from .models.likelihood import IGNORE_INDEX, target_positions
 from .models.model import NON_INPUT_KEYS
 from .models.prior import site_names
+from .quiet import quiet
 from .monteclora import device_of
 
 __all__ = [
@@ -276,6 +277,8 @@ def _tokenizer(monteclora: Any, tokenizer: Any) -> Any:
 def _classification_examples(monteclora: Any, data: Any, tokenizer: Any) -> list[dict]:
     """Tokenized examples from strings, rows with ``text`` (and ``text_pair``) or tokenized rows."""
     rows = list(data) if not isinstance(data, str) else [data]
+    if not rows:
+        raise ValueError("predict() got no inputs: the list of texts (or rows) is empty")
     if rows and all(isinstance(r, str) for r in rows):
         rows = [{"text": r} for r in rows]
     if rows and all(isinstance(r, Mapping) and "input_ids" in r for r in rows):
@@ -317,11 +320,12 @@ def predict(
     if monteclora.task != "classification":
         raise ValueError("predict() is for classification models; use multiple_choice() or "
                          "sequence_log_likelihood() for a causal LM")
-    examples = _classification_examples(monteclora, data, tokenizer)
-    known = tokenizer if tokenizer is not None else getattr(monteclora, "tokenizer", None)
-    pad = pad_token_id(known) if known is not None else 0  # pre-tokenized rows without a tokenizer
-    predictive = Predictive(monteclora, num_samples, seed, mode, return_samples, vectorize)
-    parts = [predictive(batch) for batch in _batches(examples, pad, batch_size)]
+    with quiet():
+        examples = _classification_examples(monteclora, data, tokenizer)
+        known = tokenizer if tokenizer is not None else getattr(monteclora, "tokenizer", None)
+        pad = pad_token_id(known) if known is not None else 0  # pre-tokenized rows without a tokenizer
+        predictive = Predictive(monteclora, num_samples, seed, mode, return_samples, vectorize)
+        parts = [predictive(batch) for batch in _batches(examples, pad, batch_size)]
     return {k: torch.cat([p[k] for p in parts], dim=1 if k == "sample_probs" else 0) for k in parts[0]}
 
 

@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import sys
 from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
 
 from .config import QUANTIZATIONS
+from .quiet import new_head_note, quiet
 
 __all__ = ["load_base_model", "quantize_base", "quantization_of", "HEAD_MODULES", "dense_weight"]
 
@@ -199,7 +201,11 @@ def load_base_model(
     auto = _auto_class(task)
     if quantization is not None and on_cuda:
         return _load_bitsandbytes(auto, path, quantization, kwargs, exclude)
-    model = auto.from_pretrained(path, **kwargs)
+    with quiet():  # transformers' load report of a new head becomes one line on stderr
+        model, info = auto.from_pretrained(path, output_loading_info=True, **kwargs)
+    note = new_head_note(info.get("missing_keys", []), getattr(model.config, "num_labels", None))
+    if note and task == "classification":
+        print(note, file=sys.stderr)
     if on_cuda:
         model = model.to(device)
     return quantize_base(model, quantization, exclude) if quantization else model
@@ -228,5 +234,5 @@ def _load_bitsandbytes(auto: Any, path: str, quantization: str, kwargs: dict, ex
     else:
         bnb = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
     model = auto.from_pretrained(path, quantization_config=bnb, device_map={"": torch.cuda.current_device()}, **kwargs)
-    # No gradient checkpointing: MonteCLoRA's noise is only present during the forward pass.
+    # Activation checkpointing is switched on by the training config (through Trainer), not here.
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)

@@ -36,6 +36,7 @@ from transformers.trainer_callback import PrinterCallback
 from ..config import MonteCLoRAConfig
 from ..data import DataLike, load_data, pad_token_id, split_data
 from ..monteclora import MonteCLoRA, device_of
+from ..quiet import quiet
 from .checkpoints import latest_checkpoint
 from .data import ExampleCollator, ExamplesDataset, tokenize_for
 from .run import Recorder, RunTrainer, check_trained, evaluate_mean, training_arguments
@@ -79,6 +80,7 @@ def train(
     progress: bool = True,
     resume_from_checkpoint: Union[bool, str, None] = None,
     callbacks: Optional[Sequence[TrainerCallback]] = None,
+    verbose: bool = False,
     **overrides: Any,
 ) -> TrainResult:
     """Fine-tune ``model`` with a MonteCLoRA adapter on ``dataset``.
@@ -100,6 +102,9 @@ def train(
             ``output_dir``, or the path of one. The run then continues exactly where that
             checkpoint stopped.
         callbacks: ``transformers.TrainerCallback``s, passed to the Trainer.
+        verbose: let transformers, datasets, peft and Pyro log as they are set to; by default
+            they are quiet during the call (:func:`pyro_monteclora.quiet.quiet`), so only the
+            progress bar, the per-epoch evaluation and warnings about the run are printed.
 
     With ``config.output_dir`` set, the result is saved there: a merged model by default
     (``merge_adapter=True``), else the adapter alone; the variational posterior either way.
@@ -118,7 +123,7 @@ def train(
     resume = _resume_path(resume_from_checkpoint, config)
     created = bool(config.output_dir) and not os.path.exists(config.output_dir)
     try:
-        with _isolated_rng(device_of(model)):
+        with quiet(verbose), _isolated_rng(device_of(model)):
             torch.manual_seed(config.seed)
             monteclora = model if isinstance(model, MonteCLoRA) else MonteCLoRA.from_model(model, config)
             monteclora.monteclora_config = config
@@ -137,7 +142,8 @@ def train(
     if config.output_dir:
         from ..io import save_result
 
-        save_result(result, config.output_dir)
+        with quiet(verbose):
+            save_result(result, config.output_dir)
     return result
 
 

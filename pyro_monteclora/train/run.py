@@ -190,11 +190,12 @@ def check_trained(result: Any, before: dict[str, torch.Tensor], resumed: bool) -
 
 @torch.no_grad()
 def evaluate_mean(monteclora: MonteCLoRA, loader: DataLoader) -> dict[str, float]:
-    """Accuracy and NLL of the mean adapter (per example; per target token for causal LM)."""
+    """Accuracy and NLL of the mean adapter (per example; for a causal LM ``nll`` per target token
+    and ``nll_per_sequence``, the unit of the training NLL)."""
     was_training = monteclora.training
     monteclora.eval()
     device = device_of(monteclora)
-    total_nll, correct, count = 0.0, 0, 0
+    total_nll, correct, count, sequences = 0.0, 0, 0, 0
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items()}
         logits = monteclora.mean_logits(batch).float()
@@ -211,7 +212,8 @@ def evaluate_mean(monteclora: MonteCLoRA, loader: DataLoader) -> dict[str, float
                 )
             )
             count += int((targets != IGNORE_INDEX).sum())
+            sequences += labels.shape[0]
     monteclora.train(was_training)
     if monteclora.task == "classification":
         return {"accuracy": correct / count, "nll": total_nll / count}
-    return {"nll": total_nll / count}
+    return {"nll": total_nll / count, "nll_per_sequence": total_nll / sequences}
