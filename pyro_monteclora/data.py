@@ -18,13 +18,15 @@ Example:
 
 from __future__ import annotations
 
+import csv
 import json
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
 import torch
-from datasets import Dataset, DatasetDict, load_dataset
+from datasets import Dataset, DatasetDict
 
 from .models.likelihood import IGNORE_INDEX
 
@@ -57,7 +59,13 @@ EVAL_SPLITS = ("validation", "test", "eval")
 
 
 def load_data(data: DataLike) -> Union[Dataset, DatasetDict]:
-    """A ``Dataset``/``DatasetDict`` from any accepted form; local files only, no hub access."""
+    """A ``Dataset``/``DatasetDict`` from any accepted form; local files only, no hub access.
+
+    A file that cannot be read raises one ``ValueError`` naming the file, the 1-based line and
+    what is wrong (invalid JSON, not UTF-8, an unclosed CSV quote, a ragged CSV row, ...).
+    JSON may be a list of rows, one object per line (JSON Lines) or columns (an object of
+    equal-length lists).
+    """
     if isinstance(data, (Dataset, DatasetDict)):
         return data
     if isinstance(data, (str, os.PathLike)):
@@ -65,26 +73,117 @@ def load_data(data: DataLike) -> Union[Dataset, DatasetDict]:
         if not os.path.exists(path):
             raise FileNotFoundError(f"data file {path!r} does not exist")
         extension = os.path.splitext(path)[1].lower()
-        if extension in (".json", ".jsonl"):
-            return _load_json(path)
+        if extension not in (".json", ".jsonl", ".csv"):
+            raise ValueError(f"cannot read {path!r}: use a .json, .jsonl or .csv file, or a datasets.Dataset")
+        lines = _text_lines(path)
         if extension == ".csv":
-            return load_dataset("csv", data_files=path, split="train")
-        raise ValueError(f"cannot read {path!r}: use a .json, .jsonl or .csv file, or a datasets.Dataset")
+            return _from_rows(_csv_rows(path, lines), path)
+        return _from_rows(_json_rows(path, lines), path)
     if isinstance(data, Sequence) and all(isinstance(row, dict) for row in data):
         return Dataset.from_list(list(data))
     raise TypeError(f"data must be a Dataset, DatasetDict, list of dicts or file path, got {type(data).__name__}")
 
 
-def _load_json(path: str) -> Dataset:
-    with open(path, encoding="utf-8") as handle:
-        head = next((line.strip()[:1] for line in handle if line.strip()), "")
-    if head == "":
+def _text_lines(path: str) -> list[str]:
+    with open(path, "rb") as handle:
+        raw = handle.read().split(b"\n")
+    lines = []
+    for number, line in enumerate(raw, 1):
+        try:
+            lines.append(line.decode("utf-8"))
+        except UnicodeDecodeError as error:
+            raise ValueError(
+                f"{path}, line {number}: not valid UTF-8 (byte {line[error.start]:#04x} at column "
+                f"{error.start + 1}); save the file as UTF-8"
+            ) from None
+    return lines
+
+
+def _json_rows(path: str, lines: list[str]) -> list[dict]:
+    text = "\n".join(lines)
+    if not text.strip():
+        return []
+    if not _looks_like_jsonl(lines):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}, line {error.lineno}: invalid JSON ({error.msg}, column {error.colno})") from None
+        if isinstance(value, dict) and value and all(isinstance(v, list) for v in value.values()):
+            sizes = {k: len(v) for k, v in value.items()}
+            if len(set(sizes.values())) > 1:
+                raise ValueError(f"{path}: the columns have different lengths {sizes}; each needs one value per row")
+            return [dict(zip(value, row)) for row in zip(*value.values())]  # column-oriented JSON
+        if isinstance(value, dict):
+            value = [value]
+        if not isinstance(value, list):
+            raise ValueError(f"{path}: expected a list of objects (rows), got a JSON {type(value).__name__}")
+        for index, row in enumerate(value, 1):
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}: row {index} is a JSON {type(row).__name__}, not an object with named columns")
+        return value
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}, line {number}: invalid JSON ({error.msg}, column {error.colno})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}, line {number}: a JSON {type(row).__name__}, not an object with named columns")
+        rows.append(row)
+    return rows
+
+
+def _looks_like_jsonl(lines: list[str]) -> bool:
+    """Several non-blank lines, the first a complete JSON object: JSON Lines."""
+    filled = [line for line in lines if line.strip()]
+    if len(filled) < 2 or not filled[0].lstrip().startswith("{"):
+        return False
+    try:
+        return isinstance(json.loads(filled[0]), dict)
+    except json.JSONDecodeError:
+        return False
+
+
+def _csv_rows(path: str, lines: list[str]) -> list[dict]:
+    if not any(line.strip() for line in lines):
+        raise ValueError(f"{path} is empty: a CSV file needs a header line and at least one row")
+    reader = csv.reader(lines, strict=True)
+    try:
+        header = next(reader)
+        rows = []
+        for cells in reader:
+            if not cells:
+                continue
+            if len(cells) != len(header):
+                raise ValueError(
+                    f"{path}, line {reader.line_num}: {len(cells)} cells, but the header has {len(header)} columns {header}"
+                )
+            rows.append(dict(zip(header, cells)))
+    except csv.Error as error:
+        raise ValueError(f"{path}, line {reader.line_num}: invalid CSV ({error}); check for an unclosed quote") from None
+    for column in header:  # numbers as numbers, as a typed CSV reader gives them; empty cells are missing
+        values = [row[column] for row in rows]
+        for kind in (int, float, str):
+            try:
+                converted = [kind(v) if v != "" else None for v in values]
+            except ValueError:
+                continue
+            for row, value in zip(rows, converted):
+                row[column] = value
+            break
+    return rows
+
+
+def _from_rows(rows: list[dict], path: str) -> Dataset:
+    if not rows:
         return Dataset.from_list([])
-    if head == "[":
-        with open(path, encoding="utf-8") as handle:
-            rows = json.load(handle)
+    try:
         return Dataset.from_list(rows)
-    return load_dataset("json", data_files=path, split="train")
+    except (TypeError, ValueError) as error:  # pyarrow (ArrowInvalid, ArrowTypeError) cannot type a mixed column
+        reason = " ".join(str(error).split())[:160]
+        raise ValueError(f"{path}: a column mixes values of different types ({reason})") from None
 
 
 def split_data(
@@ -121,6 +220,7 @@ def tokenize_classification(
     if len(data) == 0:
         raise ValueError("the dataset is empty: it needs at least one example")
     _require_columns(data, [("text", "label")], "classification")
+    _check_texts(data, [c for c in ("text", "text_pair") if c in data.column_names])
     labels = [_label_id(v, num_labels, label2id, row) for row, v in enumerate(data["label"])]
     pairs = list(data["text_pair"]) if "text_pair" in data.column_names else None
     encoded = encode_texts(tokenizer, list(data["text"]), pairs, max_length)
@@ -145,20 +245,39 @@ def pad_token_id(tokenizer: Any) -> int:
 
 
 def _label_id(value: Any, num_labels: int, label2id: Optional[dict], row: int) -> int:
+    """The class index of the label in (0-based) ``row``; errors name the row 1-based and the type."""
+    where = f"the label in row {row + 1}"
     if isinstance(value, str):
         if label2id and value in label2id:
             return int(label2id[value])
         raise ValueError(
-            f"label {value!r} in row {row} is a string not in the model's label2id {label2id}; "
+            f"{where} is the string {value!r}, not in the model's label2id {label2id}; "
             "use integer labels in [0, num_labels) or set model.config.label2id"
         )
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < num_labels:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        raise ValueError(f"{where} is missing (empty, null or NaN); every row needs an integer label in [0, {num_labels})")
+    if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(
-            f"label {value!r} in row {row} is out of range for a model with num_labels={num_labels}: "
-            f"labels must be integers in [0, {num_labels}); load the model with num_labels set to the "
-            "number of classes"
+            f"{where} is a {type(value).__name__} ({value!r}); labels must be integers in [0, {num_labels}) "
+            "or strings in the model's label2id"
+        )
+    if not 0 <= value < num_labels:
+        raise ValueError(
+            f"{where} is {value}, out of range for a model with num_labels={num_labels}: labels must be integers "
+            f"in [0, {num_labels}); load the model with num_labels set to the number of classes"
         )
     return value
+
+
+def _check_texts(data: Dataset, columns: Sequence[str]) -> None:
+    """Every value of the text columns is a string (an empty one is allowed)."""
+    for column in columns:
+        for row, value in enumerate(data[column]):
+            if not isinstance(value, str):
+                raise ValueError(
+                    f"column {column!r} in row {row + 1} is {'missing' if value is None else 'a ' + type(value).__name__} "
+                    f"({value!r}); it must be text"
+                )
 
 
 def format_instruction(row: dict) -> str:
@@ -193,6 +312,8 @@ def tokenize_causal_lm(data: Dataset, tokenizer: Any, max_length: int) -> list[d
     columns = _require_columns(
         data, [("instruction", "output"), ("prompt", "completion"), ("messages",)], "causal LM"
     )
+    if columns != ("messages",):
+        _check_texts(data, columns)
     pairs = [_prompt_and_target(row, columns, tokenizer) for row in data]
     examples = []
     for example in encode_prompt_completion(tokenizer, [p for p, _ in pairs], [t for _, t in pairs]):

@@ -252,7 +252,7 @@ def test_error_missing_columns(word_tokenizer):
 
 
 def test_error_label_out_of_range(word_tokenizer):
-    with pytest.raises(ValueError, match=r"label 2 in row 1 is out of range .*num_labels=2"):
+    with pytest.raises(ValueError, match=r"the label in row 2 is 2, out of range .*num_labels=2"):
         pyro_monteclora.train(tiny_bert(vocab_size=16), [{"text": "good", "label": 1}, {"text": "bad", "label": 2}],
                               tokenizer=word_tokenizer, progress=False)
 
