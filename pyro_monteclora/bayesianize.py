@@ -57,7 +57,7 @@ def from_peft_lora(peft_model: Any, config: Optional[MonteCLoRAConfig] = None, *
         lora_alpha=lora.lora_alpha,
         lora_dropout=lora.lora_dropout,
         target_modules=sorted(targets) if isinstance(targets, (set, list, tuple)) else targets,
-        modules_to_save=list(lora.modules_to_save) if lora.modules_to_save else None,
+        modules_to_save=_saved_modules(peft_model),
     )
     config = (config or MonteCLoRAConfig()).replace(**values).replace(**overrides)
     base = peft_model.unload()
@@ -68,6 +68,15 @@ def from_peft_lora(peft_model: Any, config: Optional[MonteCLoRAConfig] = None, *
     if unexpected:
         raise ValueError(f"the LoRA adapter does not fit the rebuilt model: {len(unexpected)} tensor(s), first {unexpected[0]!r}")
     return monteclora
+
+
+def _saved_modules(peft_model: Any) -> Optional[list[str]]:
+    """The modules the adapter really trains in full (peft's ``modules_to_save`` for a task lists
+    candidates, such as ``classifier`` and ``score``, of which a model has one)."""
+    from peft.utils import ModulesToSaveWrapper
+
+    names = sorted({n.split(".")[-1] for n, m in peft_model.named_modules() if isinstance(m, ModulesToSaveWrapper)})
+    return names or None
 
 
 def bayesianize(

@@ -80,7 +80,7 @@ def load_data(data: DataLike) -> Union[Dataset, DatasetDict]:
             return _from_rows(_csv_rows(path, lines), path)
         return _from_rows(_json_rows(path, lines), path)
     if isinstance(data, Sequence) and all(isinstance(row, dict) for row in data):
-        return Dataset.from_list(list(data))
+        return _from_rows(list(data), "the data")
     raise TypeError(f"data must be a Dataset, DatasetDict, list of dicts or file path, got {type(data).__name__}")
 
 
@@ -176,9 +176,50 @@ def _csv_rows(path: str, lines: list[str]) -> list[dict]:
     return rows
 
 
+TEXT_COLUMNS = ("text", "text_pair", "instruction", "input", "output", "prompt", "completion")
+
+
+def _check_column_types(rows: list[dict], where: str) -> None:
+    """One type per column, as a table needs: a mixed column raises ``ValueError`` naming the row.
+
+    Text columns must hold strings; labels must be all integers or all strings (a float label
+    is named, since a table would silently turn the integers of its column into floats too).
+    Missing values (``None``) are left to the task's own checks, which name them.
+    """
+    columns: dict[str, list[tuple[int, Any]]] = {}
+    for number, row in enumerate(rows, 1):
+        for key, value in row.items():
+            if value is not None:
+                columns.setdefault(key, []).append((number, value))
+    for column, values in columns.items():
+        kinds = {_kind(v) for _, v in values}
+        if column in TEXT_COLUMNS and kinds != {"str"}:
+            number, value = next((n, v) for n, v in values if not isinstance(v, str))
+            raise ValueError(f"{where}: column {column!r} in row {number} is a {type(value).__name__} ({value!r}); it must be text")
+        if column == "label" and "float" in kinds:
+            number, value = next((n, v) for n, v in values if _kind(v) == "float")
+            raise ValueError(
+                f"{where}: the label in row {number} is a float ({value!r}); labels must be integers or strings"
+            )
+        if kinds == {"int", "float"} and column != "label":
+            continue  # numbers: a table stores them as floats, as pyarrow does
+        if len(kinds) > 1:
+            (first, a), (number, b) = values[0], next((n, v) for n, v in values if _kind(v) != _kind(values[0][1]))
+            rule = "labels must be all integers or all strings" if column == "label" else "a column holds one type"
+            raise ValueError(
+                f"{where}: column {column!r} mixes types: row {first} is a {type(a).__name__} ({a!r}), "
+                f"row {number} a {type(b).__name__} ({b!r}); {rule}"
+            )
+
+
+def _kind(value: Any) -> str:
+    return "float" if isinstance(value, float) else type(value).__name__
+
+
 def _from_rows(rows: list[dict], path: str) -> Dataset:
     if not rows:
         return Dataset.from_list([])
+    _check_column_types(rows, path)
     try:
         return Dataset.from_list(rows)
     except (TypeError, ValueError) as error:  # pyarrow (ArrowInvalid, ArrowTypeError) cannot type a mixed column

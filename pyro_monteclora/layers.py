@@ -168,7 +168,7 @@ def attach_lora(
         if "not found" in message or "No modules were targeted" in message or "target" in message.lower():
             raise ValueError(
                 f"target_modules={config.target_modules!r} matches no adaptable layer of "
-                f"{type(model).__name__}: {message.splitlines()[0]} Linear layer names in this model: "
+                f"{type(model).__name__}: {message.split('. ')[0].rstrip('.')}. Linear layer names in this model: "
                 f"{_suffixes(linear)}; use 'all-linear' or some of these names."
             ) from error
         raise
