@@ -22,7 +22,8 @@ from .evaluation import evaluate
 from .inspection import format_summary, render_model, render_model_text, summary
 from .io import load, save_pretrained, save_result
 from .monteclora import MonteCLoRA
-from .predictive import Predictive, multiple_choice, predict, sequence_log_likelihood
+from .predictive import Predictive, predict
+from .scoring import multiple_choice, sequence_log_likelihood
 from .train import MonteCLoRATrainer, MonteCLoRATrainerMixin, TrainingDiverged, TrainResult
 from .uncertainty import ood_scores, selective_prediction
 

@@ -3,7 +3,7 @@
 For a classification model the dataset has ``text``/``label`` columns (tokenized as in
 training); for a causal LM it holds multiple-choice instruction rows (``instruction``,
 ``input``, ``output``, ``answer``, as in the commonsense sets), scored by
-:func:`~pyro_monteclora.predictive.multiple_choice` over the answers allowed by the row's
+:func:`~pyro_monteclora.scoring.multiple_choice` over the answers allowed by the row's
 ``Answer format: a/b/...``.
 
 Example:
@@ -26,13 +26,8 @@ from datasets import Dataset, DatasetDict
 from .calibration import calibration_metrics
 from .quiet import quiet
 from .data import DataLike, load_data, pad_token_id, tokenize_classification
-from .predictive import (
-    Predictive,
-    _batches,
-    _tokenizer,
-    instruction_choices,
-    multiple_choice,
-)
+from .predictive import Predictive, _batches, _tokenizer
+from .scoring import instruction_choices, multiple_choice
 
 __all__ = ["evaluate", "evaluation_outputs"]
 

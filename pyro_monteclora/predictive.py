@@ -11,9 +11,9 @@
     expected_entropy    (1/S) sum_s H[p(y | x, A~_s)]     aleatoric part
     mutual_information  entropy - expected_entropy ≥ 0    epistemic part (disagreement of draws)
 
-For causal language models, :func:`sequence_log_likelihood` scores given completions and
-:func:`multiple_choice` turns the scores of candidate answers into a predictive distribution
-over the candidates with the same uncertainty outputs.
+For causal language models, :mod:`pyro_monteclora.scoring` scores given completions
+(``sequence_log_likelihood``) and turns the scores of candidate answers into a predictive
+distribution over the candidates with the same uncertainty outputs (``multiple_choice``).
 
 Example:
     >>> import torch
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import re
 from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import pyro
@@ -40,7 +39,7 @@ import pyro.poutine as poutine
 import torch
 from torch import nn
 
-from .data import Collator, encode_prompt_completion, encode_texts, format_instruction, pad_token_id
+from .data import Collator, encode_texts, pad_token_id
 from .layers import noise_context
 from .models.likelihood import IGNORE_INDEX, target_positions
 from .models.model import NON_INPUT_KEYS
@@ -48,16 +47,7 @@ from .models.prior import site_names
 from .quiet import quiet
 from .monteclora import device_of
 
-__all__ = [
-    "Predictive",
-    "predict",
-    "predictive_summary",
-    "draw_latents",
-    "sequence_log_likelihood",
-    "multiple_choice",
-    "instruction_choices",
-    "MODES",
-]
+__all__ = ["Predictive", "predict", "predictive_summary", "draw_latents", "MODES"]
 
 MODES = ("sample", "mean")
 
@@ -211,6 +201,17 @@ class Predictive(nn.Module):
         return 1 if self.mode == "mean" else self.num_samples
 
     @torch.no_grad()
+    def draw_noise(self) -> Optional[dict[str, torch.Tensor]]:
+        """The noise on A of the S adapters, ``{group: (S, layers, r, d)}`` (``None``: the mean adapter).
+
+        Seeded, every call returns the same draws; ``seed=None`` draws afresh from the global RNG.
+        """
+        if self.mode == "mean":
+            return None
+        with _seeded(self.seed, device_of(self.monteclora)):
+            return self.monteclora.model.noise(draw_latents(self.monteclora, self.num_samples))
+
+    @torch.no_grad()
     def sample_logits(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Per-draw logits ``(S, n, ...)`` (``S = 1`` for the mean adapter)."""
         monteclora = self.monteclora
@@ -220,8 +221,7 @@ class Predictive(nn.Module):
         with _eval_mode(monteclora):
             if self.mode == "mean":
                 return network(**inputs).logits.unsqueeze(0)
-            with _seeded(self.seed, device):
-                noise = monteclora.model.noise(draw_latents(monteclora, self.num_samples))
+            noise = self.draw_noise()
             if self.vectorize:
                 with noise_context(monteclora.groups, noise):
                     logits = network(**_repeat(inputs, self.num_samples)).logits
@@ -327,135 +327,3 @@ def predict(
         predictive = Predictive(monteclora, num_samples, seed, mode, return_samples, vectorize)
         parts = [predictive(batch) for batch in _batches(examples, pad, batch_size)]
     return {k: torch.cat([p[k] for p in parts], dim=1 if k == "sample_probs" else 0) for k in parts[0]}
-
-
-# --- causal LM: sequences and multiple choice ----------------------------------------------------
-
-
-def _prompt_text(prompt: Union[str, Mapping[str, Any]]) -> str:
-    if isinstance(prompt, str):
-        return prompt
-    if isinstance(prompt, Mapping) and "instruction" in prompt:
-        return format_instruction(dict(prompt))
-    if isinstance(prompt, Mapping) and "prompt" in prompt:
-        return prompt["prompt"]
-    raise ValueError(f"a prompt must be a string or a row with 'instruction' (or 'prompt'), got {prompt!r}")
-
-
-def _scored_examples(tokenizer: Any, prompts: Sequence[str], completions: Sequence[str], append_eos: bool) -> list[dict]:
-    """``input_ids`` = prompt + completion (+ eos), ``labels`` = IGNORE on the prompt: as in training."""
-    examples = encode_prompt_completion(tokenizer, list(prompts), list(completions), append_eos)
-    if any(all(label == IGNORE_INDEX for label in e["labels"]) for e in examples):
-        raise ValueError("an empty completion (and no eos token) has nothing to score")
-    return examples
-
-
-def _causal_lm(monteclora: Any) -> None:
-    if monteclora.task != "causal_lm":
-        raise ValueError(f"this needs a causal LM MonteCLoRA model, got task={monteclora.task!r}")
-
-
-def _sample_scores(predictive: Predictive, examples: list[dict], pad_id: int, batch_size: int) -> torch.Tensor:
-    parts = [predictive.sample_sequence_log_likelihood(b) for b in _batches(examples, pad_id, batch_size)]
-    return torch.cat(parts, dim=1)
-
-
-def sequence_log_likelihood(
-    monteclora: Any,
-    prompts: Sequence[Union[str, Mapping[str, Any]]],
-    completions: Sequence[str],
-    num_samples: int = 8,
-    seed: Optional[int] = 0,
-    mode: str = "sample",
-    tokenizer: Any = None,
-    batch_size: int = 16,
-    append_eos: bool = True,
-    vectorize: bool = True,
-) -> torch.Tensor:
-    """Log-likelihood ``(n,)`` of each completion given its prompt under the posterior predictive.
-
-    ``log p(c | x) = log (1/S) sum_s p(c | x, A~_s)``, computed with a logsumexp over the S
-    draws. The completion's tokens (plus eos when ``append_eos``, as in training) are scored.
-    Prompts are strings or instruction rows (formatted by :func:`pyro_monteclora.data.format_instruction`).
-    """
-    _causal_lm(monteclora)
-    if len(prompts) != len(completions):
-        raise ValueError(f"got {len(prompts)} prompts but {len(completions)} completions")
-    tokenizer = _tokenizer(monteclora, tokenizer)
-    examples = _scored_examples(tokenizer, [_prompt_text(p) for p in prompts], completions, append_eos)
-    predictive = Predictive(monteclora, num_samples, seed, mode, vectorize=vectorize)
-    per_draw = _sample_scores(predictive, examples, pad_token_id(tokenizer), batch_size).double()
-    return (torch.logsumexp(per_draw, 0) - math.log(per_draw.shape[0])).float()
-
-
-def multiple_choice(
-    monteclora: Any,
-    prompts: Sequence[Union[str, Mapping[str, Any]]],
-    candidates: Sequence[Any],
-    num_samples: int = 8,
-    seed: Optional[int] = 0,
-    mode: str = "sample",
-    tokenizer: Any = None,
-    batch_size: int = 16,
-    append_eos: bool = True,
-    return_samples: bool = False,
-    vectorize: bool = True,
-) -> dict[str, torch.Tensor]:
-    """Predictive distribution over K candidate completions per prompt.
-
-    Per draw s, the candidates' sequence log-likelihoods ``log p(c_k | x, A~_s)`` are
-    normalized over the K candidates (a softmax); the predictive ``probs`` ``(n, K)`` average
-    these per-draw distributions, with ``entropy``, ``expected_entropy``,
-    ``mutual_information`` as in :class:`Predictive` and ``sample_log_likelihood`` ``(S, n, K)``.
-
-    ``candidates``: one list of K completions shared by every prompt, or one list per prompt
-    (all of length K). For the instruction data (``"the correct answer is true"``), see
-    :func:`instruction_choices`.
-    """
-    _causal_lm(monteclora)
-    n = len(prompts)
-    if n == 0:
-        raise ValueError("multiple_choice needs at least one prompt")
-    if candidates and all(isinstance(c, str) for c in candidates):
-        per_prompt = [list(candidates)] * n
-    else:
-        per_prompt = [list(c) for c in candidates]
-    if len(per_prompt) != n:
-        raise ValueError(f"got {n} prompts but {len(per_prompt)} candidate lists")
-    k = len(per_prompt[0])
-    if k < 2 or any(len(c) != k for c in per_prompt):
-        raise ValueError(f"every prompt needs the same number (>= 2) of candidates, got {sorted({len(c) for c in per_prompt})}")
-    tokenizer = _tokenizer(monteclora, tokenizer)
-    texts = [_prompt_text(p) for p in prompts]
-    examples = _scored_examples(
-        tokenizer, [t for t in texts for _ in range(k)], [c for cands in per_prompt for c in cands], append_eos
-    )
-    predictive = Predictive(monteclora, num_samples, seed, mode, vectorize=vectorize)
-    scores = _sample_scores(predictive, examples, pad_token_id(tokenizer), batch_size)  # (S, n * K)
-    scores = scores.reshape(scores.shape[0], n, k)
-    out = predictive_summary(torch.log_softmax(scores, dim=-1), return_samples)
-    out["sample_log_likelihood"] = scores
-    return out
-
-
-ANSWER_FORMAT = re.compile(r"Answer format:\s*([^\s]+)")
-
-
-def instruction_choices(row: Mapping[str, Any]) -> tuple[list[str], int]:
-    """Candidate completions and the index of the right one for an instruction row.
-
-    The rows of the commonsense sets end their instruction with ``Answer format: a/b/...`` and
-    have ``output = "the correct answer is <answer>"``; the candidates are that output with
-    each allowed answer in place of the true one.
-    """
-    match = ANSWER_FORMAT.search(row.get("instruction", ""))
-    if match is None or "answer" not in row or "output" not in row:
-        raise ValueError("an instruction row needs 'Answer format: a/b/...' in its instruction, and 'output' and 'answer'")
-    choices = match.group(1).split("/")
-    answer, output = str(row["answer"]), str(row["output"])
-    if answer not in choices:
-        raise ValueError(f"answer {answer!r} is not among the allowed answers {choices}")
-    if not output.endswith(answer):
-        raise ValueError(f"output {output!r} does not end with the answer {answer!r}")
-    prefix = output[: len(output) - len(answer)]
-    return [prefix + c for c in choices], choices.index(answer)

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast, LlamaConfig, LlamaForCausalLM
 
-__all__ = ["tiny_bert", "tiny_llama", "toy_sentiment", "toy_tokenizer", "nonzero_lora_b", "TOY_WORDS"]
+__all__ = ["tiny_bert", "tiny_llama", "toy_sentiment", "toy_tokenizer", "nonzero_lora_b", "CharTokenizer", "TOY_WORDS"]
 
 TOY_WORDS = ["good", "great", "nice", "happy", "bad", "awful", "sad", "ugly", "the", "is", "positive", "negative"]
 
@@ -82,6 +82,22 @@ def toy_tokenizer(words: Sequence[str] = TOY_WORDS, folder: Optional[str] = None
     with open(vocab, "w", encoding="utf-8") as handle:
         handle.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *words]) + "\n")
     return BertTokenizerFast(vocab)
+
+
+class CharTokenizer:
+    """A character-level stand-in for a causal LM's tokenizer (ids 3..62, bos 1, eos 2, pad 0),
+    for :func:`tiny_llama` (vocabulary 64).
+
+    Example:
+        >>> CharTokenizer()(["ab"])["input_ids"]
+        [[1, 40, 41]]
+    """
+
+    pad_token_id, bos_token_id, eos_token_id = 0, 1, 2
+
+    def __call__(self, texts: Sequence[str], add_special_tokens: bool = True, **_: object) -> dict[str, list[list[int]]]:
+        bos = [self.bos_token_id] if add_special_tokens else []
+        return {"input_ids": [bos + [3 + ord(c) % 60 for c in t] for t in texts]}
 
 
 def nonzero_lora_b(network: torch.nn.Module, std: float = 0.5, seed: int = 1) -> None:

@@ -96,7 +96,8 @@ def detection_metrics(in_scores: torch.Tensor, out_scores: torch.Tensor) -> dict
 def _outputs(monteclora: Any, data: Any, num_samples: int, seed: Optional[int], candidates: Optional[Sequence[str]],
              batch_size: int) -> dict[str, torch.Tensor]:
     from .data import format_instruction, load_data
-    from .predictive import multiple_choice, predict
+    from .predictive import predict
+    from .scoring import multiple_choice
 
     texts = isinstance(data, (list, tuple)) and all(isinstance(r, str) for r in data)
     rows = list(data) if texts else list(load_data(data))

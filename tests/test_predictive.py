@@ -14,16 +14,9 @@ import torch
 from pyro_monteclora import MonteCLoRA
 from pyro_monteclora.evaluation import evaluate
 from pyro_monteclora.models.prior import site_names
-from pyro_monteclora.predictive import (
-    Predictive,
-    draw_latents,
-    instruction_choices,
-    multiple_choice,
-    predict,
-    predictive_summary,
-    sequence_log_likelihood,
-)
-from pyro_monteclora.testing import tiny_bert, tiny_llama, toy_tokenizer
+from pyro_monteclora.predictive import Predictive, draw_latents, predict, predictive_summary
+from pyro_monteclora.scoring import instruction_choices, multiple_choice, sequence_log_likelihood
+from pyro_monteclora.testing import CharTokenizer, tiny_bert, tiny_llama, toy_tokenizer
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "commonsense")
 
@@ -56,16 +49,6 @@ BATCH = {
     "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1]]),
     "labels": torch.tensor([0, 1, 1]),
 }
-
-
-class CharTokenizer:
-    """A character-level stand-in for a tokenizer: ids 3..62, bos 1, eos 2, pad 0."""
-
-    pad_token_id, bos_token_id, eos_token_id = 0, 1, 2
-
-    def __call__(self, texts, add_special_tokens=True, **_):
-        bos = [self.bos_token_id] if add_special_tokens else []
-        return {"input_ids": [bos + [3 + ord(c) % 60 for c in t] for t in texts]}
 
 
 def test_entropy_splits_into_aleatoric_and_epistemic(bert):
@@ -234,3 +217,21 @@ def test_evaluate_a_classifier_and_a_causal_lm(bert, llama, tmp_path):
     ]
     lm = evaluate(llama, rows, num_samples=2, tokenizer=CharTokenizer())
     assert 0.0 <= lm["predictive"]["ece"] <= 1.0 and lm["predictive"]["nll"] > 0
+
+
+@pytest.mark.parametrize("mode,vectorize", [("sample", True), ("sample", False), ("mean", True)])
+def test_shared_prompt_scoring_equals_one_pass_per_candidate(llama, mode, vectorize):
+    """The cached prompt + candidate rests give the scores of full passes (prompts of several lengths,
+    candidates of several lengths sharing a prefix, an instruction row)."""
+    tokenizer = CharTokenizer()
+    prompts = ["is fire hot?", {"instruction": "is ice hot?", "input": ""}, "two plus two", "a"]
+    candidates = [["answer1", "answer2", "answer33"], ["the answer is true", "the answer is false", "no"],
+                  ["x", "yy", "zzz"], ["answer1", "answer2", "answer3"]]
+    kwargs = dict(num_samples=3, seed=0, mode=mode, tokenizer=tokenizer, batch_size=6, vectorize=vectorize)
+    shared = multiple_choice(llama, prompts, candidates, share_prompt=True, **kwargs)["sample_log_likelihood"]
+    full = multiple_choice(llama, prompts, candidates, share_prompt=False, **kwargs)["sample_log_likelihood"]
+    assert shared.shape == full.shape == ((1 if mode == "mean" else 3), 4, 3)
+    assert torch.isfinite(shared).all()
+    assert torch.allclose(shared, full, atol=1e-4, rtol=1e-5), (shared - full).abs().max()
+    if mode == "sample":  # the draws differ, so equality is not the mean adapter's by accident
+        assert float(shared.std(0).max()) > 1e-3
