@@ -145,7 +145,7 @@ def test_refuses_foreign_folder_and_replaces_own_output(tmp_path):
 
 
 def test_failed_save_leaves_existing_folder_untouched(tmp_path, monkeypatch):
-    import pyro_monteclora.io as io
+    import pyro_monteclora.io_save as io_save
 
     mc = _trained_like(tiny_bert)
     folder = save_pretrained(mc, tmp_path / "adapter")
@@ -154,7 +154,7 @@ def test_failed_save_leaves_existing_folder_untouched(tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(io, "save_file", broken)
+    monkeypatch.setattr(io_save, "save_file", broken)
     with pytest.raises(RuntimeError, match="disk full"):
         save_pretrained(mc, folder)
     assert {name: open(os.path.join(folder, name), "rb").read() for name in os.listdir(folder)} == original

@@ -1,0 +1,179 @@
+"""The ``pyro-monteclora`` subcommands: train, evaluate, predict, merge, convert-kohya and inspect.
+
+Each takes the parsed arguments (:func:`pyro_monteclora.cli_parser.build_parser`), prints its
+result (JSON for all but ``inspect``) on stdout and returns the exit code; errors are raised and
+turned into one line on stderr by :func:`pyro_monteclora.cli.main`.
+
+Example:
+    >>> from pyro_monteclora.cli_commands import COMMANDS
+    >>> sorted(COMMANDS)
+    ['convert-kohya', 'evaluate', 'inspect', 'merge', 'predict', 'train']
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .cli_inputs import class_labels, is_smollm2, load_data_arg, load_gguf, load_monteclora, load_tokenizer, writable_target
+from .cli_parser import config_overrides
+
+__all__ = ["COMMANDS", "SECRETS"]
+
+#: Hub tokens seen by this process, kept out of every message (:func:`pyro_monteclora.cli.main`).
+SECRETS: list[str] = []
+
+
+def _train(args: argparse.Namespace) -> int:
+    import torch
+
+    from .config import MonteCLoRAConfig
+    from .examples import minilm_path
+    from .io import final_metrics, save_result
+    from .quantization import load_base_model
+    from .train import train
+
+    config = MonteCLoRAConfig().replace(**config_overrides(args))
+    output_dir = writable_target(args.output_dir, args.overwrite)  # fail before training, not after
+    model_path = args.model or minilm_path()
+    data = load_data_arg(args.data)
+    eval_data = load_data_arg(args.eval_data) if args.eval_data else None
+    task = config.task
+    smollm2 = is_smollm2(model_path) or args.gguf_file is not None
+    if task == "auto":
+        from .quantization import _task_of_folder
+
+        if smollm2:
+            task = "causal_lm"
+        else:
+            task = _task_of_folder(model_path) if os.path.isdir(model_path) else "classification"
+    num_labels, id2label = (args.num_labels, None)
+    if task == "classification":
+        num_labels, id2label = class_labels(data, args.num_labels)
+    with torch.random.fork_rng():  # the seed covers everything the command creates, a new head included
+        torch.manual_seed(config.seed)
+        if smollm2:
+            base, tokenizer = load_gguf(model_path, args.gguf_file)
+        else:
+            tokenizer = load_tokenizer(model_path)
+            base = load_base_model(
+                model_path, task, config.quantization, num_labels=num_labels, id2label=id2label,
+                exclude=config.modules_to_save,
+            )
+    result = train(base, data, config.replace(task=task, output_dir=None), tokenizer=tokenizer, eval_dataset=eval_data,
+                   verbose=args.verbose)
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    result.config = result.config.replace(output_dir=output_dir)
+    folder = save_result(result, output_dir, overwrite=True)  # refused above unless --overwrite
+    print(json.dumps({"output_dir": folder, "merged": config.merge_adapter, "metrics": final_metrics(result),
+                      "warnings": result.warnings}, sort_keys=True))
+    return 0
+
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .evaluation import evaluate
+
+    monteclora = load_monteclora(args)
+    metrics = evaluate(
+        monteclora, load_data_arg(args.data), num_samples=args.num_samples, batch_size=args.batch_size, seed=args.seed
+    )
+    text = json.dumps(metrics, sort_keys=True, indent=2)
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as handle:
+            handle.write(text + "\n")
+    print(text)
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from .predictive import predict
+
+    if args.text is None and args.data is None:
+        raise ValueError("nothing to predict: give texts with --text (repeatable) or a file with --data")
+    if args.text is not None and args.data is not None:
+        raise ValueError("give texts with --text or a file with --data, not both")
+    monteclora = load_monteclora(args)
+    if args.text is not None:
+        texts = list(args.text)
+    else:
+        data = load_data_arg(args.data)
+        from datasets import DatasetDict
+
+        if isinstance(data, DatasetDict):
+            data = data["test"] if "test" in data else next(iter(data.values()))
+        texts = list(data["text"])
+    outputs = predict(monteclora, texts, num_samples=args.num_samples, batch_size=args.batch_size, seed=args.seed)
+    id2label = getattr(monteclora.network.config, "id2label", {}) or {}
+    for i, text in enumerate(texts):
+        probs = outputs["probs"][i]
+        label = int(probs.argmax())
+        row = {
+            "text": text,
+            "label": id2label.get(label, label),
+            "probs": [round(float(p), 6) for p in probs],
+            **{k: round(float(outputs[k][i]), 6) for k in ("entropy", "expected_entropy", "mutual_information") if k in outputs},
+        }
+        print(json.dumps(row))
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from .merge import merge
+
+    if args.output_folder:
+        writable_target(args.output_folder, args.overwrite)
+    token = args.token or os.environ.get("HF_TOKEN")
+    if token:
+        SECRETS.append(token)
+    where = merge(
+        args.base_model_path,
+        args.adapter_path,
+        args.output_folder,
+        args.push_to_hub,
+        token=token,
+        pad_to_multiple_of=args.pad_to_multiple_of,
+        overwrite=args.overwrite,
+    )
+    print(json.dumps({"merged": where}))
+    return 0
+
+
+def _convert_kohya(args: argparse.Namespace) -> int:
+    from .kohya import peft_to_kohya
+
+    output = writable_target(args.output, args.overwrite)
+    print(json.dumps({"kohya": peft_to_kohya(args.adapter_path, output, include_modules_to_save=not args.lora_only)}))
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from .inspection import format_summary, render_model_text, summary
+    from .io import read_metadata
+
+    if args.num_samples < 1:
+        raise ValueError(f"--num-samples must be a positive integer, got {args.num_samples}")
+    meta = read_metadata(args.adapter_path)
+    monteclora = load_monteclora(args)
+    print(f"pyro-monteclora {meta.get('pyro_monteclora_version')} adapter on {meta.get('base_model_name_or_path')}")
+    print(render_model_text(monteclora))
+    print()
+    print(format_summary(summary(monteclora, num_samples=args.num_samples)))
+    if meta.get("metrics"):
+        print()
+        print("final metrics: " + json.dumps(meta["metrics"], sort_keys=True))
+    return 0
+
+
+COMMANDS = {
+    "train": _train,
+    "evaluate": _evaluate,
+    "predict": _predict,
+    "merge": _merge,
+    "convert-kohya": _convert_kohya,
+    "inspect": _inspect,
+}
+

@@ -1,0 +1,105 @@
+"""Output folders: the rule for replacing one, an atomic move into place, and the finiteness check.
+
+Every writer of :mod:`pyro_monteclora.io_save` builds its folder beside the target and moves it
+into place with :func:`atomic_write`, so a failure (or Ctrl-C) leaves an existing folder as it
+was; tensors that are not finite are refused before anything is written.
+
+Example:
+    >>> import os, tempfile
+    >>> from pyro_monteclora.io_atomic import atomic_write
+    >>> target = os.path.join(tempfile.mkdtemp(), "out")
+    >>> folder = atomic_write(target, False, lambda tmp: open(os.path.join(tmp, "a.txt"), "w").close())
+    >>> os.listdir(folder)
+    ['a.txt']
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import torch
+
+from .io_format import ADAPTER_SUBFOLDER, CHECKPOINT_PREFIX, CONFIG_NAME, PathLike
+
+__all__ = ["check_finite", "check_output_folder", "atomic_write", "checkpoints_in"]
+
+
+def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Refuse to write ``tensors`` if any is not finite (``ValueError`` naming the first one)."""
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(
+            f"refusing to save {what}: {len(bad)} tensor(s) hold nan or inf, first {bad[0]!r}; "
+            "the model diverged (lower the learning rate or sample_scaler); nothing was written"
+        )
+
+
+def checkpoints_in(folder: str) -> list[str]:
+    """The ``checkpoint-<step>`` subfolders of ``folder``, sorted."""
+    return sorted(
+        e for e in os.listdir(folder) if e.startswith(CHECKPOINT_PREFIX) and os.path.isdir(os.path.join(folder, e))
+    )
+
+
+def is_own_output(folder: str) -> bool:
+    """Whether ``folder`` was written by pyro-monteclora (an output, or only training checkpoints so far)."""
+    if os.path.isfile(os.path.join(folder, CONFIG_NAME)) or os.path.isfile(
+        os.path.join(folder, ADAPTER_SUBFOLDER, CONFIG_NAME)
+    ):
+        return True
+    entries = os.listdir(folder)
+    return bool(entries) and sorted(entries) == checkpoints_in(folder)  # only training checkpoints so far
+
+
+def check_output_folder(folder: str, overwrite: bool) -> None:
+    """Refuse a target that is a file, or a non-empty folder not written by us unless ``overwrite``."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise FileExistsError(f"{folder!r} exists and is not a folder")
+    if os.path.isdir(folder) and os.listdir(folder) and not overwrite and not is_own_output(folder):
+        raise FileExistsError(
+            f"{folder!r} is not empty and is not a pyro-monteclora output; choose another folder or pass "
+            "overwrite=True (--overwrite) to replace it"
+        )
+
+
+def atomic_write(folder: PathLike, overwrite: bool, write: Any) -> str:
+    """Run ``write(tmp)`` in a temporary folder beside ``folder``, then move it into place."""
+    folder = os.path.abspath(os.fspath(folder))
+    check_output_folder(folder, overwrite)
+    parent = os.path.dirname(folder)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.tmp-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the output gets the usual permissions
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    backup = None
+    kept: list[str] = []
+    if os.path.exists(folder):
+        backup = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.old-", dir=parent)
+        os.rmdir(backup)
+        os.rename(folder, backup)
+    try:
+        if backup is not None:  # training checkpoints stay with the output they belong to
+            for name in checkpoints_in(backup):
+                os.rename(os.path.join(backup, name), os.path.join(tmp, name))
+                kept.append(name)
+        os.rename(tmp, folder)
+    except BaseException:
+        if backup is not None:
+            for name in kept:
+                os.rename(os.path.join(tmp, name), os.path.join(backup, name))
+            os.rename(backup, folder)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)
+    return folder
+
