@@ -158,7 +158,7 @@ def candidate_scores(
     network = predictive.monteclora.network
     groups = [examples[i : i + k] for i in range(0, len(examples), k)]
     prefixes = [_shared_length([e["input_ids"] for e in group]) for group in groups]
-    if not share_prompt or not _has_cache(network) or min(prefixes) < 1:
+    if not share_prompt or _cache_argument(network) is None or min(prefixes) < 1:
         scores = _sample_scores(predictive, examples, pad_id, batch_size)
         return scores.reshape(scores.shape[0], len(groups), k)
     per_batch = max(1, batch_size // k)
@@ -181,10 +181,14 @@ def candidate_scores(
     return torch.cat(parts, dim=1)
 
 
-def _has_cache(network: Any) -> bool:
+def _cache_argument(network: Any) -> Optional[str]:
+    """The name under which the LM's ``forward`` takes a KV cache (transformers 5.2x: ``cache``,
+    before: ``past_key_values``), or ``None`` if it takes none (or no ``position_ids``)."""
     base = network.get_base_model() if hasattr(network, "get_base_model") else network
     parameters = inspect.signature(base.forward).parameters
-    return "past_key_values" in parameters and "position_ids" in parameters
+    if "position_ids" not in parameters:
+        return None
+    return next((name for name in ("cache", "past_key_values") if name in parameters), None)
 
 
 def _shared_length(sequences: list[list[int]]) -> int:
@@ -249,16 +253,17 @@ def _shared_prompt_scores(monteclora: Any, groups: list[list[dict]], prefixes: l
             rest_scored[i, j, : len(rest)] = torch.tensor(scored[i][j])
     rest_ids, rest_mask, rest_scored = (t.to(device) for t in (rest_ids, rest_mask, rest_scored))
     first_scores = first.gather(-1, rest_ids[None, :, :, 0].expand(draws, b, k)) * rest_scored[None, :, :, 0]
-    cache = out.past_key_values
+    argument = _cache_argument(network)
+    cache = out[argument]
     cache.batch_repeat_interleave(k)  # rows (draw, prompt) -> (draw, prompt, candidate)
     prefix_mask = inputs["attention_mask"].repeat_interleave(k, dim=0)
-    start = torch.tensor(prefixes, device=device)[None, :, None] + torch.arange(rest_width, device=device)
+    start = torch.tensor(prefixes, device=device)[:, None, None] + torch.arange(rest_width, device=device)
     rest_inputs = {
         "input_ids": rest_ids.reshape(b * k, rest_width).repeat(draws, 1),
         "attention_mask": torch.cat([prefix_mask, rest_mask.reshape(b * k, rest_width).repeat(draws, 1)], dim=1),
         "position_ids": start.expand(b, k, rest_width).reshape(b * k, rest_width).repeat(draws, 1),
     }
-    rest_logits = network(**rest_inputs, past_key_values=cache, use_cache=True).logits
+    rest_logits = network(**rest_inputs, **{argument: cache}, use_cache=True).logits
     rest_log_probs = torch.log_softmax(rest_logits[:, :-1].float(), dim=-1).reshape(draws, b, k, rest_width - 1, -1)
     following = rest_ids[:, :, 1:].expand(draws, b, k, rest_width - 1)
     rest_picked = rest_log_probs.gather(-1, following[..., None]).squeeze(-1)

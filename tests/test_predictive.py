@@ -227,6 +227,9 @@ def test_shared_prompt_scoring_equals_one_pass_per_candidate(llama, mode, vector
     prompts = ["is fire hot?", {"instruction": "is ice hot?", "input": ""}, "two plus two", "a"]
     candidates = [["answer1", "answer2", "answer33"], ["the answer is true", "the answer is false", "no"],
                   ["x", "yy", "zzz"], ["answer1", "answer2", "answer3"]]
+    from pyro_monteclora.scoring import _cache_argument
+
+    assert _cache_argument(llama.network) is not None  # the shared path is the one under test
     kwargs = dict(num_samples=3, seed=0, mode=mode, tokenizer=tokenizer, batch_size=6, vectorize=vectorize)
     shared = multiple_choice(llama, prompts, candidates, share_prompt=True, **kwargs)["sample_log_likelihood"]
     full = multiple_choice(llama, prompts, candidates, share_prompt=False, **kwargs)["sample_log_likelihood"]
