@@ -47,7 +47,7 @@ from .io_format import (
     POSTERIOR_NAME,
     PathLike,
 )
-from .io_load import adapter_folder, load, read_metadata
+from .io_load import adapter_folder, check_model_path, load, read_metadata
 from .io_save import final_metrics, merged_state_dict, save_merged, save_pretrained, save_result, write_checkpoint_files
 
 __all__ = [
@@ -62,6 +62,7 @@ __all__ = [
     "final_metrics",
     "check_finite",
     "check_output_folder",
+    "check_model_path",
     "CONFIG_NAME",
     "POSTERIOR_NAME",
     "PEFT_CONFIG_NAME",

@@ -17,7 +17,7 @@ import tempfile
 import warnings
 from typing import Any, Optional
 
-from .io import adapter_folder, load, read_metadata, save_merged
+from .io import adapter_folder, check_model_path, load, read_metadata, save_merged
 from .quantization import load_base_model
 
 __all__ = ["merge", "push_folder"]
@@ -74,6 +74,7 @@ def merge(
     if pad_to_multiple_of is not None and (isinstance(pad_to_multiple_of, bool) or pad_to_multiple_of < 1):
         raise ValueError(f"pad_to_multiple_of must be a positive integer, got {pad_to_multiple_of!r}")
     meta = read_metadata(adapter_path)
+    check_model_path(base_model_path)
     trained_on = meta["config"].get("quantization")
     if trained_on or _base_is_quantized(base_model_path):
         warnings.warn(
