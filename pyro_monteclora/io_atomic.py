@@ -15,16 +15,19 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import tempfile
-from typing import Any
+import threading
+from typing import Any, Iterator
 
 import torch
 
 from .io_format import ADAPTER_SUBFOLDER, CHECKPOINT_PREFIX, CONFIG_NAME, PathLike
 
-__all__ = ["check_finite", "check_output_folder", "atomic_write", "checkpoints_in"]
+__all__ = ["check_finite", "check_output_folder", "atomic_write", "checkpoints_in", "deferred_interrupts"]
 
 
 def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
@@ -65,21 +68,61 @@ def check_output_folder(folder: str, overwrite: bool) -> None:
         )
 
 
+@contextlib.contextmanager
+def deferred_interrupts() -> Iterator[None]:
+    """Hold Ctrl-C (SIGINT) until the block has run to its end, then deliver it.
+
+    Used around the few renames that swap a finished folder into place and the removal of the
+    backup, so an interrupt never leaves a half-swapped output or a hidden ``.old-*`` folder.
+    Outside the main thread (where signals cannot be handled) the block simply runs.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
+        if received:
+            if callable(previous):
+                previous(signal.SIGINT, None)  # Python's default handler raises KeyboardInterrupt
+            elif previous == signal.SIG_DFL:
+                raise KeyboardInterrupt
+
+
 def atomic_write(folder: PathLike, overwrite: bool, write: Any) -> str:
-    """Run ``write(tmp)`` in a temporary folder beside ``folder``, then move it into place."""
+    """Run ``write(tmp)`` in a temporary folder beside ``folder``, then move it into place.
+
+    A failure or Ctrl-C while writing removes the temporary folder and leaves ``folder`` as it
+    was; Ctrl-C during the swap is held until the new folder is in place and the old one gone.
+    Training checkpoints of an earlier output move into the new one.
+    """
     folder = os.path.abspath(os.fspath(folder))
     check_output_folder(folder, overwrite)
     parent = os.path.dirname(folder)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.tmp-", dir=parent)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the output gets the usual permissions
+    with deferred_interrupts():
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.tmp-", dir=parent)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the output gets the usual permissions
     try:
         write(tmp)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with deferred_interrupts():
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
+    with deferred_interrupts():
+        _swap(tmp, folder)
+    return folder
+
+
+def _swap(tmp: str, folder: str) -> None:
+    """Put ``tmp`` in the place of ``folder`` (keeping its checkpoints); on failure restore it."""
+    parent = os.path.dirname(folder)
     backup = None
     kept: list[str] = []
     if os.path.exists(folder):
@@ -101,5 +144,3 @@ def atomic_write(folder: PathLike, overwrite: bool, write: Any) -> str:
         raise
     if backup is not None:
         shutil.rmtree(backup, ignore_errors=True)
-    return folder
-

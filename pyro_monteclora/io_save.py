@@ -186,6 +186,7 @@ def save_merged(
         state = merged_state_dict(network)
         if quantized:
             state = {k: v for k, v in state.items() if not k.endswith(("input_scale", "output_scale"))}
+        check_finite(state, "the merged model")
         base.save_pretrained(tmp, state_dict=state)
         if monteclora.tokenizer is not None:
             monteclora.tokenizer.save_pretrained(tmp)

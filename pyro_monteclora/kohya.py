@@ -23,11 +23,14 @@ import json
 import math
 import os
 import re
+import tempfile
 from typing import Any, Iterable, Optional
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+from .io_atomic import atomic_write, check_finite, deferred_interrupts
 
 __all__ = ["peft_to_kohya", "kohya_to_peft", "kohya_key", "to_kohya_state_dict", "from_kohya_state_dict"]
 
@@ -158,8 +161,21 @@ def from_kohya_state_dict(
     return state, config
 
 
-def peft_to_kohya(adapter_path: str, output: str, *, include_modules_to_save: bool = True) -> str:
-    """Write the LoRA adapter in ``adapter_path`` (peft or pyro-monteclora folder) as one Kohya file."""
+def _read_tensors(path: str) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(path)
+    except Exception as error:  # safetensors' SafetensorError: a truncated or damaged file
+        reason = " ".join(str(error).split())[:160]
+        raise ValueError(f"{path}: not a readable safetensors file ({reason}); it is truncated or damaged") from None
+
+
+def peft_to_kohya(adapter_path: str, output: str, *, include_modules_to_save: bool = True, overwrite: bool = False) -> str:
+    """Write the LoRA adapter in ``adapter_path`` (peft or pyro-monteclora folder) as one Kohya file.
+
+    An existing ``output`` is replaced only with ``overwrite=True``; missing parent folders are
+    created; tensors that are not finite are refused. The file is written beside and moved into
+    place, so a failure leaves an existing file as it was.
+    """
     folder = adapter_path
     if not os.path.isfile(os.path.join(folder, "adapter_config.json")):
         folder = os.path.join(adapter_path, "adapter")
@@ -171,25 +187,55 @@ def peft_to_kohya(adapter_path: str, output: str, *, include_modules_to_save: bo
         )
     if not output.endswith(".safetensors"):
         raise ValueError(f"the Kohya output must be a .safetensors file, got {output!r}")
-    with open(config_path, encoding="utf-8") as handle:
-        config = json.load(handle)
-    tensors, metadata = to_kohya_state_dict(load_file(weights_path), config, include_modules_to_save)
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    tmp = output + ".tmp"
-    save_file(tensors, tmp, metadata=metadata)
-    os.replace(tmp, output)
+    if os.path.exists(output) and not overwrite:
+        raise FileExistsError(f"{output} already exists; pass overwrite=True (--overwrite) to replace it")
+    try:
+        with open(config_path, encoding="utf-8") as handle:
+            config = json.load(handle)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{config_path}, line {error.lineno}: invalid JSON ({error.msg}, column {error.colno})") from None
+    tensors, metadata = to_kohya_state_dict(_read_tensors(weights_path), config, include_modules_to_save)
+    check_finite(tensors, "the Kohya file")
+    parent = os.path.dirname(os.path.abspath(output))
+    os.makedirs(parent, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(output)}.tmp-", dir=parent)
+    os.close(handle)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; the output gets the usual permissions
+        os.replace(tmp, output)
+    except BaseException:
+        with deferred_interrupts():
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        raise
     return output
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def kohya_to_peft(
-    kohya_file: str, output_folder: str, *, module_names: Optional[Iterable[str]] = None
+    kohya_file: str, output_folder: str, *, module_names: Optional[Iterable[str]] = None, overwrite: bool = False
 ) -> str:
-    """Write a Kohya LoRA file as a peft adapter folder (``adapter_config.json`` + safetensors)."""
+    """Write a Kohya LoRA file as a peft adapter folder (``adapter_config.json`` + safetensors).
+
+    A non-empty ``output_folder`` is replaced only with ``overwrite=True`` (the rule of
+    :func:`pyro_monteclora.io.check_output_folder`); tensors that are not finite are refused.
+    """
+    tensors = _read_tensors(kohya_file)
     with safe_open(kohya_file, framework="pt") as handle:
         metadata = handle.metadata() or {}
-    state, config = from_kohya_state_dict(load_file(kohya_file), metadata, module_names)
-    os.makedirs(output_folder, exist_ok=True)
-    save_file(state, os.path.join(output_folder, "adapter_model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(output_folder, "adapter_config.json"), "w", encoding="utf-8") as handle:
-        json.dump(config, handle, sort_keys=True, indent=2)
+    state, config = from_kohya_state_dict(tensors, metadata, module_names)
+    check_finite(state, "the peft adapter")
+
+    def write(folder: str) -> None:
+        save_file(state, os.path.join(folder, "adapter_model.safetensors"), metadata={"format": "pt"})
+        with open(os.path.join(folder, "adapter_config.json"), "w", encoding="utf-8") as handle:
+            json.dump(config, handle, sort_keys=True, indent=2)
+
+    atomic_write(output_folder, overwrite, write)
     return output_folder
