@@ -19,6 +19,7 @@ import sys
 
 from .cli_inputs import class_labels, is_smollm2, load_data_arg, load_gguf, load_monteclora, load_tokenizer, writable_target
 from .cli_parser import config_overrides
+from .io_load import check_model_path
 
 __all__ = ["COMMANDS", "SECRETS"]
 
@@ -38,6 +39,7 @@ def _train(args: argparse.Namespace) -> int:
     config = MonteCLoRAConfig().replace(**config_overrides(args))
     output_dir = writable_target(args.output_dir, args.overwrite)  # fail before training, not after
     model_path = args.model or minilm_path()
+    check_model_path(model_path, "model")
     data = load_data_arg(args.data)
     eval_data = load_data_arg(args.eval_data) if args.eval_data else None
     task = config.task
@@ -51,7 +53,7 @@ def _train(args: argparse.Namespace) -> int:
             task = _task_of_folder(model_path) if os.path.isdir(model_path) else "classification"
     num_labels, id2label = (args.num_labels, None)
     if task == "classification":
-        num_labels, id2label = class_labels(data, args.num_labels)
+        num_labels, id2label = class_labels(data, args.num_labels, source=args.data)
     with torch.random.fork_rng():  # the seed covers everything the command creates, a new head included
         torch.manual_seed(config.seed)
         if smollm2:
@@ -73,17 +75,17 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-
 def _evaluate(args: argparse.Namespace) -> int:
     from .evaluation import evaluate
 
+    output = writable_target(args.output, args.overwrite) if args.output else None  # before the work
     monteclora = load_monteclora(args)
     metrics = evaluate(
         monteclora, load_data_arg(args.data), num_samples=args.num_samples, batch_size=args.batch_size, seed=args.seed
     )
     text = json.dumps(metrics, sort_keys=True, indent=2)
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as handle:
+    if output:
+        with open(output, "w", encoding="utf-8") as handle:
             handle.write(text + "\n")
     print(text)
     return 0
@@ -105,6 +107,8 @@ def _predict(args: argparse.Namespace) -> int:
 
         if isinstance(data, DatasetDict):
             data = data["test"] if "test" in data else next(iter(data.values()))
+        if "text" not in data.column_names:
+            raise ValueError(f"{args.data} has no 'text' column (its columns: {data.column_names}); predict reads 'text'")
         texts = list(data["text"])
     outputs = predict(monteclora, texts, num_samples=args.num_samples, batch_size=args.batch_size, seed=args.seed)
     id2label = getattr(monteclora.network.config, "id2label", {}) or {}
@@ -146,7 +150,8 @@ def _convert_kohya(args: argparse.Namespace) -> int:
     from .kohya import peft_to_kohya
 
     output = writable_target(args.output, args.overwrite)
-    print(json.dumps({"kohya": peft_to_kohya(args.adapter_path, output, include_modules_to_save=not args.lora_only)}))
+    written = peft_to_kohya(args.adapter_path, output, include_modules_to_save=not args.lora_only, overwrite=args.overwrite)
+    print(json.dumps({"kohya": written}))
     return 0
 
 

@@ -63,11 +63,14 @@ def load_data_arg(spec: str) -> Any:
     return load_dataset(spec)
 
 
-def class_labels(data: Any, num_labels: Optional[int]) -> tuple[Optional[int], Optional[dict[int, str]]]:
+def class_labels(
+    data: Any, num_labels: Optional[int], source: str = "the data"
+) -> tuple[Optional[int], Optional[dict[int, str]]]:
     """The classes of the training labels: their count and names (printed once on stderr).
 
     String labels become classes 0..K-1 in sorted order; integer labels must be 0..K-1 (or
-    fit in ``--num-labels``); anything else is an error that says what to fix.
+    fit in ``--num-labels``); anything else is an error that names ``source`` and says what to
+    fix (a missing label: its 1-based row).
     """
     from datasets import DatasetDict
 
@@ -80,28 +83,38 @@ def class_labels(data: Any, num_labels: Optional[int]) -> tuple[Optional[int], O
     if getattr(feature, "names", None):
         names = dict(enumerate(feature.names))
     else:
-        values = set(split["label"])
+        labels = list(split["label"])
+        if None in labels:
+            raise ValueError(
+                f"{source}: the label in row {labels.index(None) + 1} is missing (an empty cell or null); "
+                "every row needs a label"
+            )
+        values = set(labels)
         if all(isinstance(v, str) for v in values):
             names = dict(enumerate(sorted(values)))
         elif all(isinstance(v, int) and not isinstance(v, bool) for v in values):
             top = max(values)
             count = num_labels if num_labels is not None else top + 1
             if min(values) < 0 or top >= count:
-                raise ValueError(f"integer labels must lie in [0, {count}); the data has {sorted(values)[:10]}")
+                raise ValueError(f"{source}: integer labels must lie in [0, {count}); the data has {sorted(values)[:10]}")
             if num_labels is None and len(values) != count:
                 missing = sorted(set(range(count)) - values)
                 raise ValueError(
-                    f"the integer labels {sorted(values)[:10]} skip class(es) {missing[:10]}: renumber them 0..K-1, "
-                    f"or pass --num-labels {count} to keep {count} classes"
+                    f"{source}: the integer labels {sorted(values)[:10]} skip class(es) {missing[:10]}: renumber "
+                    f"them 0..K-1, or pass --num-labels {count} to keep {count} classes"
                 )
             names = {i: str(i) for i in range(count)}
         else:
             kinds = sorted({type(v).__name__ for v in values})
-            raise ValueError(f"labels must be all integers or all strings; the 'label' column holds {', '.join(kinds)}")
+            raise ValueError(
+                f"{source}: labels must be all integers or all strings; the 'label' column holds {', '.join(kinds)}"
+            )
     if num_labels is not None and num_labels != len(names):
-        raise ValueError(f"--num-labels {num_labels} does not match the {len(names)} label names {list(names.values())}")
+        raise ValueError(
+            f"--num-labels {num_labels} does not match the {len(names)} label names {list(names.values())} of {source}"
+        )
     if len(names) < 2:
-        raise ValueError(f"the training data has a single class ({list(names.values())}): a classifier needs at least two")
+        raise ValueError(f"{source} has a single class ({list(names.values())}): a classifier needs at least two")
     shown = ", ".join(names.values()) if len(names) <= 10 else ", ".join(list(names.values())[:10]) + ", ..."
     print(f"classification: {len(names)} classes: {shown}", file=sys.stderr)
     return len(names), names

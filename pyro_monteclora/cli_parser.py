@@ -179,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--data", required=True, help="Evaluation data (file, folder or hub id).")
     _add_sampling_flags(evaluation, defaults, "Adapters drawn from the posterior")
     evaluation.add_argument("--output", default=None, help="Also write the metrics to this JSON file (default: none).")
+    evaluation.add_argument("--overwrite", action="store_true", help="Replace an existing --output file (default: refuse).")
 
     defaults = _defaults_of(predict)
     prediction = commands.add_parser(

@@ -62,7 +62,8 @@ def load_data(data: DataLike) -> Union[Dataset, DatasetDict]:
     """A ``Dataset``/``DatasetDict`` from any accepted form; local files only, no hub access.
 
     A file that cannot be read raises one ``ValueError`` naming the file, the 1-based line and
-    what is wrong (invalid JSON, not UTF-8, an unclosed CSV quote, a ragged CSV row, ...).
+    what is wrong (invalid JSON, not UTF-8, an unclosed CSV quote, a ragged CSV row, ...); so
+    does a file without rows.
     JSON may be a list of rows, one object per line (JSON Lines) or columns (an object of
     equal-length lists).
     """
@@ -76,9 +77,10 @@ def load_data(data: DataLike) -> Union[Dataset, DatasetDict]:
         if extension not in (".json", ".jsonl", ".csv"):
             raise ValueError(f"cannot read {path!r}: use a .json, .jsonl or .csv file, or a datasets.Dataset")
         lines = _text_lines(path)
-        if extension == ".csv":
-            return _from_rows(_csv_rows(path, lines), path)
-        return _from_rows(_json_rows(path, lines), path)
+        rows = _csv_rows(path, lines) if extension == ".csv" else _json_rows(path, lines)
+        if not rows:
+            raise ValueError(f"{path} is empty: a data file needs at least one row")
+        return _from_rows(rows, path)
     if isinstance(data, Sequence) and all(isinstance(row, dict) for row in data):
         return _from_rows(list(data), "the data")
     raise TypeError(f"data must be a Dataset, DatasetDict, list of dicts or file path, got {type(data).__name__}")
@@ -189,6 +191,8 @@ def _check_column_types(rows: list[dict], where: str) -> None:
     columns: dict[str, list[tuple[int, Any]]] = {}
     for number, row in enumerate(rows, 1):
         for key, value in row.items():
+            if key == "label" and isinstance(value, float) and math.isnan(value):
+                raise ValueError(f"{where}: the label in row {number} is missing (NaN); every row needs a label")
             if value is not None:
                 columns.setdefault(key, []).append((number, value))
     for column, values in columns.items():
