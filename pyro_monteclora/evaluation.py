@@ -29,7 +29,7 @@ from .data import DataLike, load_data, pad_token_id, tokenize_classification
 from .predictive import Predictive, _batches, _tokenizer
 from .scoring import instruction_choices, multiple_choice
 
-__all__ = ["evaluate", "evaluation_outputs"]
+__all__ = ["evaluate", "evaluation_outputs", "predictive_outputs"]
 
 
 def _evaluation_split(data: Any) -> Dataset:
@@ -42,6 +42,45 @@ def _evaluation_split(data: Any) -> Dataset:
     return data
 
 
+def predictive_outputs(
+    monteclora: Any,
+    dataset: DataLike,
+    num_samples: int = 8,
+    mode: str = "sample",
+    batch_size: int = 32,
+    seed: Optional[int] = 0,
+    tokenizer: Any = None,
+    vectorize: bool = True,
+) -> dict[str, torch.Tensor]:
+    """``labels`` and the :class:`~pyro_monteclora.predictive.Predictive` outputs (``probs``,
+    ``entropy``, ``expected_entropy``, ``mutual_information``) of one mode over a whole dataset:
+    ``text``/``label`` rows for a classifier, multiple-choice instruction rows for a causal LM."""
+    data = _evaluation_split(dataset)
+    if len(data) == 0:
+        raise ValueError("the evaluation dataset is empty")
+    tokenizer = _tokenizer(monteclora, tokenizer)
+    if monteclora.task == "classification":
+        config = monteclora.network.config
+        examples = tokenize_classification(
+            data, tokenizer, monteclora.monteclora_config.max_length, config.num_labels, getattr(config, "label2id", None)
+        )
+        predictive = Predictive(monteclora, num_samples, seed, mode, vectorize=vectorize)
+        parts = [predictive(b) for b in _batches(examples, pad_token_id(tokenizer), batch_size)]
+        return {"labels": torch.tensor([e["label"] for e in examples]), **{k: torch.cat([p[k] for p in parts]) for k in parts[0]}}
+    if "instruction" not in data.column_names:
+        raise ValueError(
+            "a causal LM is evaluated on multiple-choice instruction rows (instruction, output, answer); "
+            f"the dataset has columns {data.column_names}"
+        )
+    rows = list(data)
+    choices = [instruction_choices(row) for row in rows]
+    result = multiple_choice(
+        monteclora, rows, [c for c, _ in choices], num_samples, seed, mode, tokenizer, batch_size, vectorize=vectorize
+    )
+    outputs = {k: v for k, v in result.items() if k != "sample_log_likelihood"}
+    return {"labels": torch.tensor([label for _, label in choices]), **outputs}
+
+
 def evaluation_outputs(
     monteclora: Any,
     dataset: DataLike,
@@ -52,40 +91,13 @@ def evaluation_outputs(
     vectorize: bool = True,
 ) -> dict[str, dict[str, torch.Tensor]]:
     """Per-example outputs behind :func:`evaluate`: ``labels`` and, for ``"mean"`` and
-    ``"predictive"``, the :class:`~pyro_monteclora.predictive.Predictive` outputs (``probs``,
-    ``entropy``, ``expected_entropy``, ``mutual_information``) over the whole dataset."""
-    data = _evaluation_split(dataset)
-    if len(data) == 0:
-        raise ValueError("the evaluation dataset is empty")
-    tokenizer = _tokenizer(monteclora, tokenizer)
-    if monteclora.task == "classification":
-        config = monteclora.network.config
-        examples = tokenize_classification(
-            data, tokenizer, monteclora.monteclora_config.max_length, config.num_labels, getattr(config, "label2id", None)
-        )
-        labels = torch.tensor([e["label"] for e in examples])
-        outputs = {}
-        for name, mode in (("mean", "mean"), ("predictive", "sample")):
-            predictive = Predictive(monteclora, num_samples, seed, mode, vectorize=vectorize)
-            parts = [predictive(b) for b in _batches(examples, pad_token_id(tokenizer), batch_size)]
-            outputs[name] = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-        return {"labels": labels, **outputs}
-    if "instruction" not in data.column_names:
-        raise ValueError(
-            "a causal LM is evaluated on multiple-choice instruction rows (instruction, output, answer); "
-            f"the dataset has columns {data.column_names}"
-        )
-    rows = list(data)
-    choices = [instruction_choices(row) for row in rows]
-    candidates = [c for c, _ in choices]
-    labels = torch.tensor([label for _, label in choices])
-    outputs = {}
+    ``"predictive"``, :func:`predictive_outputs` over the whole dataset."""
+    outputs: dict[str, Any] = {}
     for name, mode in (("mean", "mean"), ("predictive", "sample")):
-        result = multiple_choice(
-            monteclora, rows, candidates, num_samples, seed, mode, tokenizer, batch_size, vectorize=vectorize
-        )
-        outputs[name] = {k: v for k, v in result.items() if k != "sample_log_likelihood"}
-    return {"labels": labels, **outputs}
+        out = predictive_outputs(monteclora, dataset, num_samples, mode, batch_size, seed, tokenizer, vectorize)
+        outputs["labels"] = out.pop("labels")
+        outputs[name] = out
+    return outputs
 
 
 def evaluate(

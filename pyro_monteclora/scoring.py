@@ -253,12 +253,14 @@ def _shared_prompt_scores(monteclora: Any, groups: list[list[dict]], prefixes: l
             rest_scored[i, j, : len(rest)] = torch.tensor(scored[i][j])
     rest_ids, rest_mask, rest_scored = (t.to(device) for t in (rest_ids, rest_mask, rest_scored))
     first_scores = first.gather(-1, rest_ids[None, :, :, 0].expand(draws, b, k)) * rest_scored[None, :, :, 0]
+    if rest_width == 1:  # each candidate's own part is one token, scored from the prompt pass
+        return shared[..., None] + first_scores
     argument = _cache_argument(network)
     cache = out[argument]
     cache.batch_repeat_interleave(k)  # rows (draw, prompt) -> (draw, prompt, candidate)
     prefix_mask = inputs["attention_mask"].repeat_interleave(k, dim=0)
     start = torch.tensor(prefixes, device=device)[:, None, None] + torch.arange(rest_width, device=device)
-    rest_inputs = {
+    rest_inputs = {  # the last token is input too (its logits go unused): no candidate has an empty input
         "input_ids": rest_ids.reshape(b * k, rest_width).repeat(draws, 1),
         "attention_mask": torch.cat([prefix_mask, rest_mask.reshape(b * k, rest_width).repeat(draws, 1)], dim=1),
         "position_ids": start.expand(b, k, rest_width).reshape(b * k, rest_width).repeat(draws, 1),

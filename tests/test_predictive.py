@@ -219,8 +219,9 @@ def test_evaluate_a_classifier_and_a_causal_lm(bert, llama, tmp_path):
     assert 0.0 <= lm["predictive"]["ece"] <= 1.0 and lm["predictive"]["nll"] > 0
 
 
-@pytest.mark.parametrize("mode,vectorize", [("sample", True), ("sample", False), ("mean", True)])
-def test_shared_prompt_scoring_equals_one_pass_per_candidate(llama, mode, vectorize):
+@pytest.mark.parametrize("mode,vectorize,eos", [("sample", True, True), ("sample", False, True), ("mean", True, True),
+                                               ("sample", True, False)])
+def test_shared_prompt_scoring_equals_one_pass_per_candidate(llama, mode, vectorize, eos):
     """The cached prompt + candidate rests give the scores of full passes (prompts of several lengths,
     candidates of several lengths sharing a prefix, an instruction row)."""
     tokenizer = CharTokenizer()
@@ -230,7 +231,9 @@ def test_shared_prompt_scoring_equals_one_pass_per_candidate(llama, mode, vector
     from pyro_monteclora.scoring import _cache_argument
 
     assert _cache_argument(llama.network) is not None  # the shared path is the one under test
-    kwargs = dict(num_samples=3, seed=0, mode=mode, tokenizer=tokenizer, batch_size=6, vectorize=vectorize)
+    if not eos:  # one own token per candidate: all scored from the prompt's pass
+        candidates = [["a", "b", "c"]] * 4
+    kwargs = dict(num_samples=3, seed=0, mode=mode, tokenizer=tokenizer, batch_size=6, vectorize=vectorize, append_eos=eos)
     shared = multiple_choice(llama, prompts, candidates, share_prompt=True, **kwargs)["sample_log_likelihood"]
     full = multiple_choice(llama, prompts, candidates, share_prompt=False, **kwargs)["sample_log_likelihood"]
     assert shared.shape == full.shape == ((1 if mode == "mean" else 3), 4, 3)
