@@ -1,0 +1,68 @@
+"""Choosing the posterior's noise scale on a validation split (a lever for calibration)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import pyro_monteclora
+from pyro_monteclora import MonteCLoRA
+from pyro_monteclora.posterior_scale import choose_factor, set_sample_scaler, tune_posterior_scale
+from pyro_monteclora.predictive import Predictive
+from pyro_monteclora.testing import nonzero_lora_b, tiny_bert, toy_sentiment, toy_tokenizer
+
+
+@pytest.fixture
+def bert():
+    mc = MonteCLoRA.from_model(tiny_bert(vocab_size=16), lora_r=4, sample_scaler=0.05)
+    nonzero_lora_b(mc.network)
+    mc.tokenizer = toy_tokenizer()
+    return mc
+
+
+def test_the_noise_is_linear_in_the_scale_and_the_mean_adapter_does_not_move(bert):
+    batch = {"input_ids": torch.tensor([[2, 4, 5, 3]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
+    bert.eval()  # no LoRA dropout
+    before = Predictive(bert, 5, seed=3).draw_noise()
+    mean_before = bert.mean_logits(batch)
+    set_sample_scaler(bert, 0.05 * 7)
+    after = Predictive(bert, 5, seed=3).draw_noise()
+    for name in before:  # the same draws, 7 times as far from A: each column's covariance x 49
+        assert torch.allclose(after[name], 7 * before[name], rtol=1e-5, atol=1e-7)
+    assert torch.equal(bert.mean_logits(batch), mean_before)  # E[A~] = A whatever the scale
+    assert bert.monteclora_config.sample_scaler == pytest.approx(0.35)
+
+
+def test_choose_factor_by_hand():
+    assert choose_factor([1, 2, 4], [0.5, 0.4, 0.4], mean_nll=0.6) == 2  # ties: the smaller factor
+    assert choose_factor([1, 2, 4, 8], [0.50, 0.49, 0.51, 0.70], mean_nll=0.50, rule="tolerance", tolerance=0.02) == 4
+    assert choose_factor([2, 4], [0.9, 0.9], mean_nll=0.5, rule="tolerance", tolerance=0.1) == 2  # none within: smallest
+    with pytest.raises(ValueError, match="rule"):
+        choose_factor([1], [0.5], 0.5, rule="best")
+    with pytest.raises(ValueError, match="one NLL per factor"):
+        choose_factor([1, 2], [0.5], 0.5)
+
+
+def test_tune_posterior_scale_picks_the_best_validation_nll_and_is_saved(bert, tmp_path):
+    data = toy_sentiment(24)
+    choice = tune_posterior_scale(bert, data, factors=(0.5, 1, 4, 16, 64), num_samples=4, seed=0)
+    assert len(choice.nll) == len(choice.ece) == 5
+    assert choice.factor == choice.factors[min(range(5), key=lambda i: choice.nll[i])]
+    assert choice.sample_scaler == pytest.approx(0.05 * choice.factor)
+    assert len(set(round(v, 6) for v in choice.nll)) > 1  # the scale matters once B != 0
+    # the NLL at a factor is the predictive's at that scale, with the tuning's draws
+    set_sample_scaler(bert, 0.05 * 16)
+    at_16 = pyro_monteclora.evaluate(bert, data, num_samples=4, seed=0)["predictive"]["nll"]
+    assert at_16 == pytest.approx(choice.nll[3], rel=1e-5)
+    set_sample_scaler(bert, choice.sample_scaler)
+    pyro_monteclora.save_pretrained(bert, tmp_path / "adapter")
+    loaded = pyro_monteclora.load(tiny_bert(vocab_size=16), tmp_path / "adapter")
+    assert loaded.model.sample_scaler == pytest.approx(choice.sample_scaler)
+    assert loaded.monteclora_config.sample_scaler == pytest.approx(choice.sample_scaler)
+
+
+def test_bad_arguments(bert):
+    with pytest.raises(ValueError, match="factors must be positive"):
+        tune_posterior_scale(bert, toy_sentiment(4), factors=(0, 1))
+    with pytest.raises(ValueError, match="tolerance"):
+        tune_posterior_scale(bert, toy_sentiment(4), rule="tolerance", tolerance=-1)
