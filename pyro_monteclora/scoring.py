@@ -39,7 +39,7 @@ from .models.model import supports_logits_to_keep
 from .monteclora import device_of
 from .predictive import Predictive, _batches, _eval_mode, _repeat, _tokenizer, predictive_summary
 
-__all__ = ["sequence_log_likelihood", "multiple_choice", "instruction_choices", "candidate_scores"]
+__all__ = ["sequence_log_likelihood", "multiple_choice", "instruction_choices", "candidate_scores", "network_candidate_scores"]
 
 
 def _prompt_text(prompt: Union[str, Mapping[str, Any]]) -> str:
@@ -168,15 +168,15 @@ def candidate_scores(
             chunk, lengths = groups[start : start + per_batch], prefixes[start : start + per_batch]
             noise = predictive.draw_noise()  # one set of S adapters for the prompt and the candidates
             if noise is None:
-                parts.append(_shared_prompt_scores(predictive.monteclora, chunk, lengths, pad_id, 1))
+                parts.append(_shared_prompt_scores(network, chunk, lengths, pad_id, 1))
             elif predictive.vectorize:
                 with noise_context(predictive.monteclora.groups, noise):
-                    parts.append(_shared_prompt_scores(predictive.monteclora, chunk, lengths, pad_id, predictive.num_samples))
+                    parts.append(_shared_prompt_scores(network, chunk, lengths, pad_id, predictive.num_samples))
             else:
                 draws = []
                 for s in range(predictive.num_samples):
                     with noise_context(predictive.monteclora.groups, {g: v[s] for g, v in noise.items()}):
-                        draws.append(_shared_prompt_scores(predictive.monteclora, chunk, lengths, pad_id, 1)[0])
+                        draws.append(_shared_prompt_scores(network, chunk, lengths, pad_id, 1)[0])
                 parts.append(torch.stack(draws))
     return torch.cat(parts, dim=1)
 
@@ -200,13 +200,13 @@ def _shared_length(sequences: list[list[int]]) -> int:
     return length
 
 
-def _shared_prompt_scores(monteclora: Any, groups: list[list[dict]], prefixes: list[int], pad_id: int, draws: int) -> torch.Tensor:
+def _shared_prompt_scores(network: Any, groups: list[list[dict]], prefixes: list[int], pad_id: int, draws: int) -> torch.Tensor:
     """Scores ``(draws, prompts, K)``: the shared prefix (left-padded, cached), then each candidate's rest.
 
-    The open noise context holds ``draws`` adapters (rows sample-major) or one (``draws = 1``).
+    The rows are repeated ``draws`` times (sample-major): an open noise context holds ``draws``
+    adapters, or one (``draws = 1``).
     """
-    device = device_of(monteclora)
-    network = monteclora.network
+    device = device_of(network)
     b, k, width = len(groups), len(groups[0]), max(prefixes)
     ids = torch.full((b, width), pad_id, dtype=torch.long)
     mask = torch.zeros(b, width, dtype=torch.long)

@@ -241,3 +241,16 @@ def test_shared_prompt_scoring_equals_one_pass_per_candidate(llama, mode, vector
     assert torch.allclose(shared, full, atol=1e-4, rtol=1e-5), (shared - full).abs().max()
     if mode == "sample":  # the draws differ, so equality is not the mean adapter's by accident
         assert float(shared.std(0).max()) > 1e-3
+
+
+def test_network_candidate_scores_of_a_plain_network_are_the_mean_adapters(llama):
+    from pyro_monteclora.scoring import _scored_examples, network_candidate_scores
+
+    tokenizer = CharTokenizer()
+    prompts, candidates = ["is fire hot?", "two plus two"], ["answer1", "answer2", "answer3"]
+    mean = multiple_choice(llama, prompts, candidates, mode="mean", tokenizer=tokenizer)["sample_log_likelihood"]
+    examples = _scored_examples(tokenizer, [p for p in prompts for _ in candidates], candidates * 2, True)
+    llama.eval()
+    scores = network_candidate_scores(llama.network, examples, 3, 0, batch_size=6, repeats=2)
+    assert scores.shape == (2, 2, 3)
+    assert torch.allclose(scores, mean.expand(2, 2, 3), atol=1e-5)
