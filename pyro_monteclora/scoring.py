@@ -181,6 +181,30 @@ def candidate_scores(
     return torch.cat(parts, dim=1)
 
 
+@torch.no_grad()
+def network_candidate_scores(
+    network: Any, examples: list[dict], k: int, pad_id: int, batch_size: int = 16, repeats: int = 1
+) -> torch.Tensor:
+    """Sequence log-likelihoods ``(repeats, n, K)`` of scored examples under any causal LM.
+
+    For networks that are not a :class:`~pyro_monteclora.MonteCLoRA` (a plain peft LoRA model,
+    another method's adapter): the same shared-prompt computation as :func:`multiple_choice`,
+    the batch run ``repeats`` times (for MC dropout: the caller puts dropout in training mode,
+    and every repeat gets its own masks; the K candidates of a prompt share the prompt's mask).
+    Modes are the caller's.
+    """
+    groups = [examples[i : i + k] for i in range(0, len(examples), k)]
+    prefixes = [_shared_length([e["input_ids"] for e in group]) for group in groups]
+    if _cache_argument(network) is None or min(prefixes) < 1:
+        raise ValueError("network_candidate_scores needs a causal LM that takes a KV cache and position_ids")
+    per_batch = max(1, batch_size // k)
+    parts = [
+        _shared_prompt_scores(network, groups[i : i + per_batch], prefixes[i : i + per_batch], pad_id, repeats)
+        for i in range(0, len(groups), per_batch)
+    ]
+    return torch.cat(parts, dim=1)
+
+
 def _cache_argument(network: Any) -> Optional[str]:
     """The name under which the LM's ``forward`` takes a KV cache (transformers 5.2x: ``cache``,
     before: ``past_key_values``), or ``None`` if it takes none (or no ``position_ids``)."""
