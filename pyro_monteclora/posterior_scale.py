@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 from .calibration import calibration_metrics
 from .evaluation import predictive_outputs
@@ -102,13 +102,14 @@ def set_sample_scaler(monteclora: Any, sample_scaler: float) -> None:
 def tune_posterior_scale(
     monteclora: Any,
     validation_data: Any,
-    factors: Sequence[float] = (0.5, 1, 2, 4, 8, 16, 32),
+    factors: Union[str, Sequence[float]] = "auto",
     num_samples: int = 8,
     rule: str = "nll",
     tolerance: float = 0.01,
     seed: Optional[int] = 0,
     tokenizer: Any = None,
     batch_size: int = 32,
+    max_factor: float = 256.0,
 ) -> ScaleChoice:
     """Set ``monteclora``'s ``eps`` to the trained one times the factor ``rule`` picks on ``validation_data``.
 
@@ -116,38 +117,76 @@ def tune_posterior_scale(
         monteclora: a trained :class:`~pyro_monteclora.MonteCLoRA` (changed in place).
         validation_data: held-out ``text``/``label`` rows (classifier) or multiple-choice
             instruction rows (causal LM), in any form :func:`pyro_monteclora.evaluate` takes.
-        factors: positive multipliers of the trained ``eps`` to try.
+        factors: positive multipliers of the trained ``eps`` to try, or ``"auto"``: a
+            geometric search from 1 that doubles (or halves) while the validation NLL falls,
+            then tries the best factor times ``2**(+-1/2)`` (about 6 to 9 evaluations; with
+            ``rule="tolerance"`` it doubles while the NLL stays within the tolerance).
         num_samples: posterior draws per validation prediction.
         rule: ``"nll"`` or ``"tolerance"`` (see the module docstring).
         tolerance: for ``rule="tolerance"``, the allowed rise of the validation NLL over the
             mean adapter's, in nats per example.
         seed: seed of the draws (the same draws for every factor).
+        max_factor: the largest factor (and ``1 / max_factor`` the smallest) ``"auto"`` tries.
 
-    Returns a :class:`ScaleChoice` with the whole validation curve.
+    Returns a :class:`ScaleChoice` with the whole validation curve (factors in the order tried).
     """
-    if not factors or any(isinstance(f, bool) or not isinstance(f, (int, float)) or not f > 0 for f in factors):
+    automatic = isinstance(factors, str)
+    if automatic and factors != "auto":
+        raise ValueError(f"factors must be 'auto' or a list of positive numbers, got {factors!r}")
+    if not automatic and (not factors or any(isinstance(f, bool) or not isinstance(f, (int, float)) or not f > 0 for f in factors)):
         raise ValueError(f"factors must be positive numbers, got {list(factors)!r}")
     if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
     if not tolerance >= 0:
         raise ValueError(f"tolerance must be a non-negative number of nats, got {tolerance!r}")
     trained = float(monteclora.monteclora_config.sample_scaler)
+    tried: dict[float, tuple[float, float]] = {}
+
+    def score(factor: float) -> float:
+        if factor not in tried:
+            set_sample_scaler(monteclora, trained * factor)
+            out = predictive_outputs(monteclora, validation_data, num_samples, "sample", batch_size, seed, tokenizer)
+            metrics = calibration_metrics(out["probs"], out["labels"])
+            tried[factor] = (float(metrics["nll"]), float(metrics["ece"]))
+        return tried[factor][0]
+
     with quiet():
         mean = predictive_outputs(monteclora, validation_data, 0, "mean", batch_size, seed, tokenizer)
-        nlls, eces = [], []
+        mean_nll = float(calibration_metrics(mean["probs"], mean["labels"])["nll"])
         try:
-            for factor in factors:
-                set_sample_scaler(monteclora, trained * factor)
-                out = predictive_outputs(monteclora, validation_data, num_samples, "sample", batch_size, seed, tokenizer)
-                metrics = calibration_metrics(out["probs"], out["labels"])
-                nlls.append(float(metrics["nll"]))
-                eces.append(float(metrics["ece"]))
+            if automatic:
+                _search(score, rule, mean_nll + tolerance, max_factor)
+            else:
+                for factor in factors:
+                    score(float(factor))
         finally:
             set_sample_scaler(monteclora, trained)
-    mean_nll = float(calibration_metrics(mean["probs"], mean["labels"])["nll"])
-    factor = choose_factor(list(factors), nlls, mean_nll, rule, tolerance)
+    order = list(tried)
+    factor = choose_factor(order, [tried[f][0] for f in order], mean_nll, rule, tolerance)
     set_sample_scaler(monteclora, trained * factor)
     return ScaleChoice(
-        factor=factor, sample_scaler=trained * factor, trained_sample_scaler=trained, factors=list(factors),
-        nll=nlls, ece=eces, mean_nll=mean_nll, rule=rule,
+        factor=factor, sample_scaler=trained * factor, trained_sample_scaler=trained, factors=order,
+        nll=[tried[f][0] for f in order], ece=[tried[f][1] for f in order], mean_nll=mean_nll, rule=rule,
     )
+
+
+def _search(score: Any, rule: str, limit: float, max_factor: float) -> None:
+    """Geometric search of the factor (see :func:`tune_posterior_scale`); ``score`` records every trial."""
+    low, high = 1.0 / max_factor, max_factor
+    best = 1.0
+    if rule == "nll":
+        for step in (2.0, 0.5):  # double while the NLL falls; if doubling never helped, halve
+            moved = False
+            while low <= best * step <= high and score(best * step) < score(best):
+                best, moved = best * step, True
+            if moved:
+                break
+    elif score(best) <= limit:  # widest within the tolerance: double while within
+        while best * 2 <= high and score(best * 2) <= limit:
+            best *= 2
+    else:  # not even the trained scale is within: halve until it is
+        while best / 2 >= low and score(best) > limit:
+            best /= 2
+    for factor in (best * 2 ** 0.5, best * 2 ** -0.5):
+        if low <= factor <= high:
+            score(factor)

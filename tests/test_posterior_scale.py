@@ -66,3 +66,31 @@ def test_bad_arguments(bert):
         tune_posterior_scale(bert, toy_sentiment(4), factors=(0, 1))
     with pytest.raises(ValueError, match="tolerance"):
         tune_posterior_scale(bert, toy_sentiment(4), rule="tolerance", tolerance=-1)
+
+
+def test_the_automatic_search_on_a_known_curve(monkeypatch):
+    """The geometric search on a convex validation curve with its minimum at factor 8."""
+    from pyro_monteclora import posterior_scale
+
+    calls = []
+
+    def nll(factor):
+        calls.append(factor)
+        return (torch.log2(torch.tensor(factor)) - 3.2).abs().item()  # lowest at 2**3.2 = 9.19
+
+    posterior_scale._search(nll, "nll", limit=0.0, max_factor=256)
+    assert set(calls) >= {1, 2, 4, 8, 16}
+    assert 16 in calls and 32 not in calls  # stops doubling once the NLL rises
+    assert 8 * 2 ** 0.5 in calls and 8 * 2 ** -0.5 in calls  # then refines around the best
+    calls.clear()
+    posterior_scale._search(lambda f: (calls.append(f), abs(f - 0.25))[1], "nll", 0.0, 256)  # minimum below 1
+    assert 0.25 in calls and 0.125 in calls
+    calls.clear()
+    posterior_scale._search(lambda f: (calls.append(f), 0.1 * f)[1], "tolerance", limit=0.45, max_factor=256)
+    assert max(f for f in calls if 0.1 * f <= 0.45) == 4  # 0.1 * 4 = 0.4 within, 8 is not
+
+
+def test_tune_posterior_scale_auto(bert):
+    choice = tune_posterior_scale(bert, toy_sentiment(24), num_samples=2, seed=0)
+    assert 3 <= len(choice.factors) <= 12 and choice.factor in choice.factors
+    assert choice.nll[choice.factors.index(choice.factor)] == min(choice.nll)
