@@ -22,6 +22,7 @@ from .evaluation import evaluate
 from .inspection import format_summary, render_model, render_model_text, summary
 from .io import load, save_pretrained, save_result
 from .monteclora import MonteCLoRA
+from .posterior_scale import tune_posterior_scale
 from .predictive import Predictive, predict
 from .scoring import multiple_choice, sequence_log_likelihood
 from .train import MonteCLoRATrainer, MonteCLoRATrainerMixin, TrainingDiverged, TrainResult
@@ -48,6 +49,7 @@ __all__ = [
     "ood_scores",
     "selective_prediction",
     "bayesianize",
+    "tune_posterior_scale",
     "calibration_metrics",
     "reliability_diagram",
     "render_model",

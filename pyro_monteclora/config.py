@@ -220,6 +220,20 @@ class MonteCLoRAConfig:
         return json.dumps(self.to_dict(), sort_keys=True, indent=2)
 
     @classmethod
+    def paper(cls, **overrides: Any) -> "MonteCLoRAConfig":
+        """The MonteCLoRA paper's settings, whatever the package's defaults become: N = 4
+        components, epsilon = 5e-3, the exact ELBO (KL weight 1), cooperative weight 1, a
+        uniform Dirichlet prior and a Wishart prior with ``df = r`` and identity scale.
+
+        Example:
+            >>> MonteCLoRAConfig.paper(lora_r=8).sample_scaler
+            0.005
+        """
+        paper = dict(num_components=4, sample_scaler=5e-3, kl_weight=1.0, cooperative_weight=1.0,
+                     dirichlet_concentration=1.0, wishart_df=None, collapse_components=False)
+        return cls(**{**paper, **overrides})
+
+    @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "MonteCLoRAConfig":
         """Rebuild a config from :meth:`to_dict`'s output; unknown keys raise ``TypeError``."""
         return cls().replace(**values)
