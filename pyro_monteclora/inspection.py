@@ -124,7 +124,10 @@ def render_model_text(monteclora: Any, batch: Optional[dict] = None, dataset_siz
     observed = [s for s in model_trace.nodes.values() if s["type"] == "sample" and s["is_observed"]]
     for frame in observed[0]["cond_indep_stack"] if observed else ():
         full = getattr(frame, "full_size", None) or frame.size
-        lines.append(f"  {frame.name:<16} size {full:<4} examples (a minibatch of {frame.size} is scaled by {full}/{frame.size})")
+        if dataset_size is None:
+            lines.append(f"  {frame.name:<16} size {frame.size:<4} examples, unscaled (no dataset_size given: each counts once)")
+        else:
+            lines.append(f"  {frame.name:<16} size {full:<4} examples (a minibatch of {frame.size} is scaled by {full}/{frame.size})")
     lines.append("model sites (p):")
     lines += _site_lines(model_trace, monteclora)
     lines.append("guide sites (q):")

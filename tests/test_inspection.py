@@ -76,3 +76,12 @@ def test_noise_share_follows_epsilon_and_the_posterior(monteclora):
     for a, b in zip(doubled, moved):
         assert b["weights_mean"][0] > 0.8 and b["covariance_diag"] == pytest.approx(4 * torch.e**-2, rel=1e-5)
         assert b["noise_share"] < a["noise_share"]
+
+
+def test_render_model_text_says_when_the_data_plate_is_unscaled():
+    from pyro_monteclora import MonteCLoRA, render_model_text
+    from pyro_monteclora.testing import tiny_bert
+
+    mc = MonteCLoRA.from_model(tiny_bert(), lora_r=4)
+    assert "unscaled" in render_model_text(mc) and "scaled by" not in render_model_text(mc)
+    assert "scaled by 100/" in render_model_text(mc, dataset_size=100)
