@@ -1,0 +1,187 @@
+"""The report of ``benchmarks/calibration.py``: targets met or missed, and the plots.
+
+``write_report(summary, suites, seeds, command)`` writes ``benchmarks/results/calibration.md``
+(tables, the targets with their figures and paired differences against LoRA), ``calibration.json``
+(every seed's metrics) and ``calibration.png`` (training curves, reliability, selective
+prediction, OOD score histograms).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+
+import numpy as np
+import torch
+
+from calibration_jobs import JOBS
+from calibration_methods import SUITES
+from pyro_monteclora.calibration import calibration_bins
+from pyro_monteclora.uncertainty import selective_prediction
+
+OUT = os.path.join("benchmarks", "results")
+CANDIDATE = "ours_improved"
+
+
+def _mean(values):
+    values = [v for v in values if v == v]
+    return float(np.mean(values)) if values else float("nan")
+
+
+def _runs(summary, suite, method, key, metric):
+    return {s: r[key][metric] for s, r in summary[suite][method].items() if key in r}
+
+
+def _paired_text(summary, suite, method, key, metric, baseline="lora"):
+    a, b = _runs(summary, suite, method, key, metric), _runs(summary, suite, baseline, key, metric)
+    diff = [a[s] - b[s] for s in sorted(set(a) & set(b))]
+    if not diff:
+        return "n/a"
+    se = np.std(diff, ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else float("nan")
+    return f"paired Δ vs {baseline} {np.mean(diff):+.3f} ± {se:.3f} (SE, {len(diff)} seeds)"
+
+
+def targets(summary, suite, records):
+    """``[(target, met, text)]`` for one suite (``records``: job records per (job, seed), for times)."""
+    out = []
+    per = summary[suite]
+    if not per[CANDIDATE] or not per["lora"]:
+        return out
+
+    def m(method, key, metric):
+        return _mean(_runs(summary, suite, method, key, metric).values())
+
+    ece, lora_ece, ts_ece = m(CANDIDATE, "test", "ece"), m("lora", "test", "ece"), m("lora_ts", "test", "ece")
+    out.append(("ECE ≤ 0.4 × LoRA's and ≤ LoRA + TS's", ece <= 0.4 * lora_ece and ece <= ts_ece,
+                f"{ece:.3f} vs 0.4 × {lora_ece:.3f} = {0.4 * lora_ece:.3f} and TS {ts_ece:.3f}; "
+                + _paired_text(summary, suite, CANDIDATE, "test", "ece")))
+    others = {k: m(k, "test", "nll") for k in per if k not in (CANDIDATE, "ours_mean") and per[k]}
+    nll = m(CANDIDATE, "test", "nll")
+    best_other = min(others, key=others.get)
+    out.append(("NLL below every other method's", all(nll < v for v in others.values()),
+                f"{nll:.3f}; best other {best_other} {others[best_other]:.3f}; "
+                + _paired_text(summary, suite, CANDIDATE, "test", "nll")))
+    acc, lora_acc = m(CANDIDATE, "test", "accuracy"), m("lora", "test", "accuracy")
+    out.append(("accuracy ≥ LoRA's − 1 point", acc >= lora_acc - 0.01 - 1e-9,
+                f"{100 * acc:.1f} vs {100 * lora_acc:.1f}; " + _paired_text(summary, suite, CANDIDATE, "test", "accuracy")))
+    if any("shift" in r for r in per[CANDIDATE].values()):
+        s_ece, s_nll = m(CANDIDATE, "shift", "ece"), m(CANDIDATE, "shift", "nll")
+        l_ece, l_nll = m("lora", "shift", "ece"), m("lora", "shift", "nll")
+        out.append(("under shift, ECE and NLL below LoRA's", s_ece < l_ece and s_nll < l_nll,
+                    f"ECE {s_ece:.3f} vs {l_ece:.3f}, NLL {s_nll:.3f} vs {l_nll:.3f}; "
+                    + _paired_text(summary, suite, CANDIDATE, "shift", "nll")))
+    for key in sorted({k for r in per[CANDIDATE].values() for k in r if k.startswith("ood_")}):
+        ours = max(m(CANDIDATE, key, "mutual_information"), m(CANDIDATE, key, "entropy"))
+        base = m("lora", key, "max_probability")
+        out.append((f"OOD AUROC vs {key[4:]} (MI or entropy) ≥ LoRA max-prob + 5 points", ours >= base + 0.05,
+                    f"{ours:.3f} vs {base:.3f} + 0.05"))
+    ratios = [records[("ours", s)]["train_seconds"] / records[("lora", s)]["train_seconds"]
+              for s in per["lora"] if ("ours", s) in records and ("lora", s) in records
+              and records[("ours", s)].get("train_seconds", float("nan")) == records[("ours", s)].get("train_seconds")]
+    if ratios:
+        out.append(("training time ≤ 1.1 × LoRA's", _mean(ratios) <= 1.1,
+                    f"ours / LoRA = {_mean(ratios):.2f} (per seed: {', '.join(f'{r:.2f}' for r in ratios)}; one shared CPU)"))
+    ratios = [records[("ours", s)]["eval_seconds"] / records[("lora", s)]["eval_seconds"]
+              for s in per["lora"] if ("ours", s) in records and ("lora", s) in records]
+    if ratios:
+        out.append(("S = 10 prediction ≤ 10 × one forward pass", _mean(ratios) <= 10,
+                    f"S = 10 posterior predictive / one mean-adapter pass over the same sets = {_mean(ratios):.2f}"))
+    return out
+
+
+def _plot(summary, suites, seeds, outputs_of, records_of, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(len(suites), 4, figsize=(18, 4 * len(suites)), squeeze=False)
+    for row, suite in zip(axes, suites):
+        records = records_of(suite)
+        for method, color in (("lora", "tab:blue"), ("ours", "tab:red")):
+            curves = [records[(method, s)]["curve"] for s in seeds if (method, s) in records and records[(method, s)].get("curve")]
+            if curves:
+                epochs = [p["epoch"] for p in curves[0]]
+                for key, style in (("train_nll", ":"), ("test_nll", "-")):
+                    values = np.mean([[p[key] for p in c] for c in curves], 0)
+                    row[0].plot(epochs, values, style, color=color, label=f"{method} {key.replace('_', ' ')}")
+        row[0].set_title(f"{suite}: NLL per epoch (mean adapter, seed mean)")
+        row[0].set_xlabel("epoch")
+        row[0].legend(fontsize=7)
+        for method, color in (("lora", "tab:blue"), ("lora_ts", "tab:green"), (CANDIDATE, "tab:red"), ("ensemble", "tab:purple")):
+            pooled = [outputs_of(suite, method, s) for s in seeds]
+            pooled = [o["test"] for o in pooled if o is not None]
+            if not pooled:
+                continue
+            probs = torch.tensor(np.concatenate([p for p, _, _ in pooled]))
+            labels = torch.tensor(np.concatenate([y for _, _, y in pooled]))
+            bins = calibration_bins(probs, labels, 15)
+            filled = bins["count"] > 0
+            row[1].plot(bins["confidence"][filled], bins["accuracy"][filled], "o-", color=color, label=method, ms=3)
+            curve = selective_prediction(probs, labels)
+            row[2].plot(curve["coverage"], curve["accuracy"], color=color, label=f"{method} (AURC {curve['aurc']:.3f})")
+        row[1].plot([0, 1], [0, 1], "--", color="gray")
+        row[1].set_title(f"{suite}: reliability (test, seeds pooled)")
+        row[1].set_xlabel("confidence")
+        row[1].set_ylabel("accuracy")
+        row[1].legend(fontsize=7)
+        row[2].set_title(f"{suite}: selective prediction (test)")
+        row[2].set_xlabel("coverage")
+        row[2].legend(fontsize=7)
+        candidate = [outputs_of(suite, CANDIDATE, s) for s in seeds]
+        candidate = [o for o in candidate if o is not None]
+        oods = sorted(k for k in (candidate[0] if candidate else {}) if k.startswith("ood_"))
+        if oods:
+            inside = np.concatenate([o["test"][1] for o in candidate])
+            row[3].hist(inside, bins=30, alpha=0.5, density=True, label="test (in distribution)")
+            for key in oods:
+                row[3].hist(np.concatenate([o[key][1] for o in candidate]), bins=30, alpha=0.5, density=True, label=key[4:])
+            row[3].set_title(f"{suite}: mutual information of {CANDIDATE}")
+            row[3].legend(fontsize=7)
+        else:
+            row[3].axis("off")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def write_report(summary, suites, seeds, command, tables, outputs_of, load):
+    """Write ``calibration.md``, ``.json`` and ``.png``; returns the markdown text."""
+    def records_of(suite):
+        found = {(job, s): load(suite, job, s) for job in JOBS for s in seeds}
+        return {k: v for k, v in found.items() if v is not None}
+
+    lines = [
+        "# Calibration, shift and OOD detection where LoRA overfits",
+        "",
+        f"Command: `{command}`; date: {datetime.date.today()}; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} thread(s). Seeds finished per method are in each table; S = 10, 15-bin ECE.",
+        "",
+    ]
+    for suite in suites:
+        spec = SUITES[suite]
+        records = records_of(suite)
+        lines += [f"## {suite}", "",
+                  f"{spec.model}, {spec.task}: {spec.train_size} training examples x {spec.epochs} epochs, batch "
+                  f"{spec.batch_size}, lr {spec.lr:g}; validation {spec.val_size}, test {spec.test_size}"
+                  + (f"; shift: {spec.shift[0]} ({spec.shift[1]})" if spec.shift else "")
+                  + (f"; OOD: {', '.join(f'{n} ({k})' for n, k in spec.ood)}" if spec.ood else "") + ".", ""]
+        curves = [records[("lora", s)]["curve"] for s in seeds if ("lora", s) in records and records[("lora", s)].get("curve")]
+        if curves:
+            lines.append("LoRA's training curve (mean adapter, seed mean): " + ", ".join(
+                f"epoch {p['epoch']}: train NLL {np.mean([c[i]['train_nll'] for c in curves]):.3f} / test NLL "
+                f"{np.mean([c[i]['test_nll'] for c in curves]):.3f}" for i, p in enumerate(curves[0])) + ".")
+        lines.append(tables[suite])
+        found = targets(summary, suite, records)
+        if found:
+            lines += ["", f"**Targets ({CANDIDATE}, mean over seeds)**", ""]
+            lines += [f"- {'met' if ok else 'MISSED'}: {name}: {text}" for name, ok, text in found]
+        lines.append("")
+    text = "\n".join(lines)
+    with open(os.path.join(OUT, "calibration.md"), "w", encoding="utf-8") as handle:
+        handle.write(text + "\n")
+    with open(os.path.join(OUT, "calibration.json"), "w", encoding="utf-8") as handle:
+        json.dump({"command": command, "date": str(datetime.date.today()), "summary": summary}, handle, indent=1, sort_keys=True)
+    _plot(summary, suites, seeds, outputs_of, records_of, os.path.join(OUT, "calibration.png"))
+    return text
