@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import sys
+from typing import Any
 
 from .cli_inputs import class_labels, is_smollm2, load_data_arg, load_gguf, load_monteclora, load_tokenizer, writable_target
 from .cli_parser import config_overrides
@@ -99,14 +100,14 @@ def _predict(args: argparse.Namespace) -> int:
     if args.text is not None and args.data is not None:
         raise ValueError("give texts with --text or a file with --data, not both")
     monteclora = load_monteclora(args)
+    if monteclora.task == "causal_lm":
+        return _predict_choices(args, monteclora)
+    if args.candidate is not None:
+        raise ValueError("--candidate is for causal LMs; this adapter is a classifier, which predicts its classes")
     if args.text is not None:
         texts = list(args.text)
     else:
-        data = load_data_arg(args.data)
-        from datasets import DatasetDict
-
-        if isinstance(data, DatasetDict):
-            data = data["test"] if "test" in data else next(iter(data.values()))
+        data = _first_split(load_data_arg(args.data))
         if "text" not in data.column_names:
             raise ValueError(f"{args.data} has no 'text' column (its columns: {data.column_names}); predict reads 'text'")
         texts = list(data["text"])
@@ -122,6 +123,44 @@ def _predict(args: argparse.Namespace) -> int:
             **{k: round(float(outputs[k][i]), 6) for k in ("entropy", "expected_entropy", "mutual_information") if k in outputs},
         }
         print(json.dumps(row))
+    return 0
+
+
+def _first_split(data: Any) -> Any:
+    from datasets import DatasetDict
+
+    if isinstance(data, DatasetDict):
+        return data["test"] if "test" in data else next(iter(data.values()))
+    return data
+
+
+def _predict_choices(args: argparse.Namespace, monteclora: Any) -> int:
+    """A causal LM: the posterior predictive over candidate answers, one JSON line per prompt."""
+    from .scoring import candidate_completions, multiple_choice
+
+    if args.text is not None:
+        if not args.candidate or len(args.candidate) < 2:
+            raise ValueError("a causal LM scores candidate answers: give at least two --candidate completions with --text")
+        prompts, candidates = list(args.text), [list(args.candidate)] * len(args.text)
+    else:
+        if args.candidate is not None:
+            raise ValueError("--candidate goes with --text; rows of --data carry their answers in 'Answer format: a/b/...'")
+        rows = list(_first_split(load_data_arg(args.data)))
+        if not rows or "instruction" not in rows[0]:
+            raise ValueError(f"{args.data}: a causal LM predicts from instruction rows (instruction, input) ending in "
+                             "'Answer format: a/b/...'")
+        prompts, candidates = rows, [candidate_completions(row) for row in rows]
+    outputs = multiple_choice(monteclora, prompts, candidates, num_samples=args.num_samples, seed=args.seed,
+                              batch_size=args.batch_size)
+    for i, prompt in enumerate(prompts):
+        probs = outputs["probs"][i]
+        print(json.dumps({
+            "prompt": prompt if isinstance(prompt, str) else prompt["instruction"],
+            "prediction": candidates[i][int(probs.argmax())],
+            "candidates": candidates[i],
+            "probs": [round(float(p), 6) for p in probs],
+            **{k: round(float(outputs[k][i]), 6) for k in ("entropy", "expected_entropy", "mutual_information")},
+        }))
     return 0
 
 

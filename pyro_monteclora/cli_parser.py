@@ -184,12 +184,18 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = _defaults_of(predict)
     prediction = commands.add_parser(
         "predict",
-        help="Posterior predictive probabilities and uncertainty for texts.",
-        description="Predict with a saved classification adapter; prints one JSON line per text.",
+        help="Posterior predictive probabilities and uncertainty for texts (or prompts and candidate answers).",
+        description="Predict with a saved adapter; prints one JSON line per text. A classifier reads texts; a "
+        "causal LM scores candidate answers: instruction rows ending in 'Answer format: a/b/...' (--data), or "
+        "prompts (--text) with --candidate completions.",
     )
     _add_loaded_model_flags(prediction)
-    prediction.add_argument("--text", action="append", default=None, help="A text to classify (repeatable; default: none, use --data).")
-    prediction.add_argument("--data", default=None, help="A file or folder with a `text` column (default: none, use --text).")
+    prediction.add_argument("--text", action="append", default=None,
+                            help="A text to classify, or a prompt for a causal LM (repeatable; default: none, use --data).")
+    prediction.add_argument("--data", default=None,
+                            help="A file or folder with a `text` column, or instruction rows for a causal LM (default: none, use --text).")
+    prediction.add_argument("--candidate", action="append", default=None,
+                            help="Causal LM with --text: a candidate completion (repeatable, at least 2; default: none).")
     _add_sampling_flags(prediction, defaults, "Adapters drawn from the posterior; 0 uses the mean adapter")
 
     merge = commands.add_parser(

@@ -17,10 +17,11 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from datasets import Dataset, DatasetDict
 
@@ -52,12 +53,13 @@ def smollm2_path() -> str:
     return folder
 
 
-def load_smollm2(dtype: Any = None) -> tuple[Any, Any]:
+def load_smollm2(dtype: Any = None, verbose: bool = False) -> tuple[Any, Any]:
     """``(model, tokenizer)`` of SmolLM2-135M-Instruct, loaded offline from the packaged GGUF file.
 
     The model is a ``LlamaForCausalLM`` (134.5M parameters, 30 layers, hidden 576, vocabulary
     49152, tied embeddings), dequantized to float32 (or ``dtype``); the tokenizer carries the
     chat template, and its pad token is set (to eos) if the file defines none. Takes about 15 s.
+    Quiet unless ``verbose``: transformers' GGUF progress bar and logs are off during the load.
 
     Example:
         >>> model, tokenizer = load_smollm2()                       # doctest: +SKIP
@@ -69,17 +71,39 @@ def load_smollm2(dtype: Any = None) -> tuple[Any, Any]:
         raise ImportError(f"loading a GGUF model needs the gguf package: {SMOLLM2_INSTALL}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_FILE)
+    from .quiet import quiet
+
+    kwargs = {"dtype": dtype} if dtype is not None else {}
+    with quiet(verbose), _quiet_gguf_bar(verbose):
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_FILE)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_FILE, **kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    kwargs = {"dtype": dtype} if dtype is not None else {}
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_FILE, **kwargs)
     # The weights are dequantized: drop the GGUF marks, so that Trainer, peft and save_pretrained
     # treat the model as the plain float model it now is (a merged save then loads without gguf).
     model.is_quantized, model.hf_quantizer = False, None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def _quiet_gguf_bar(verbose: bool) -> Iterator[None]:
+    """transformers' GGUF reader draws a plain tqdm bar, outside its progress-bar switch: turn it off
+    for the block (the module's own ``tqdm`` name, restored on exit)."""
+    import functools
+
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    original = getattr(gguf_utils, "tqdm", None)
+    if verbose or original is None:
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
 
 
 def vader_lexicon_path() -> str:

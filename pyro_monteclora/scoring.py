@@ -39,7 +39,10 @@ from .models.model import supports_logits_to_keep
 from .monteclora import device_of
 from .predictive import Predictive, _batches, _eval_mode, _repeat, _tokenizer, predictive_summary
 
-__all__ = ["sequence_log_likelihood", "multiple_choice", "instruction_choices", "candidate_scores", "network_candidate_scores"]
+__all__ = [
+    "sequence_log_likelihood", "multiple_choice", "instruction_choices", "candidate_completions", "candidate_scores",
+    "network_candidate_scores",
+]
 
 
 def _prompt_text(prompt: Union[str, Mapping[str, Any]]) -> str:
@@ -318,3 +321,25 @@ def instruction_choices(row: Mapping[str, Any]) -> tuple[list[str], int]:
         raise ValueError(f"output {output!r} does not end with the answer {answer!r}")
     prefix = output[: len(output) - len(answer)]
     return [prefix + c for c in choices], choices.index(answer)
+
+
+#: How the commonsense sets word an answer (``output = "the correct answer is <answer>"``).
+ANSWER_PREFIX = "the correct answer is "
+
+
+def candidate_completions(row: Mapping[str, Any], prefix: str = ANSWER_PREFIX) -> list[str]:
+    """The candidate completions of an instruction row that need not carry its answer (for prediction).
+
+    ``prefix`` + each answer of the row's ``Answer format: a/b/...``; a row with ``output`` and
+    ``answer`` uses its own wording, as :func:`instruction_choices` does.
+
+    Example:
+        >>> candidate_completions({"instruction": "Is ice cold?\\n\\nAnswer format: true/false"})
+        ['the correct answer is true', 'the correct answer is false']
+    """
+    if "output" in row and "answer" in row:
+        return instruction_choices(row)[0]
+    match = ANSWER_FORMAT.search(str(row.get("instruction", "")))
+    if match is None:
+        raise ValueError("an instruction row needs 'Answer format: a/b/...' in its instruction to have candidate answers")
+    return [prefix + choice for choice in match.group(1).split("/")]

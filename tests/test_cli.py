@@ -182,3 +182,38 @@ def test_errors_are_one_line(tmp_path, capsys):
     code = main(["convert-kohya", "--adapter-path", str(tmp_path), "--output", str(tmp_path / "x.safetensors")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and err[0].startswith("pyro-monteclora convert-kohya: error: no peft adapter")
+
+
+def test_predict_and_evaluate_a_causal_lm_by_its_candidate_answers(tmp_path, capsys):
+    """A causal-LM adapter: predict scores --candidate completions of --text prompts, or the answers of
+    instruction rows; evaluate scores instruction rows by multiple choice."""
+    from pyro_monteclora import MonteCLoRA, save_pretrained
+    from pyro_monteclora.cli import main
+    from pyro_monteclora.testing import tiny_llama
+
+    tokenizer = toy_tokenizer(TOY_WORDS + ["true", "false", "correct", "answer"], str(tmp_path))
+    tiny_llama(vocab_size=len(tokenizer)).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    mc = MonteCLoRA.from_model(tiny_llama(vocab_size=len(tokenizer)), lora_r=4)
+    mc.tokenizer = tokenizer
+    save_pretrained(mc, tmp_path / "adapter")
+    common = ["--adapter-path", str(tmp_path / "adapter"), "--base-model", str(tmp_path / "base"), "--num-samples", "3"]
+    assert main(["predict", *common, "--text", "the good", "--candidate", "true", "--candidate", "false"]) == 0
+    line = json.loads(capsys.readouterr().out.strip())
+    assert line["candidates"] == ["true", "false"] and abs(sum(line["probs"]) - 1) < 1e-5
+    assert line["prediction"] == line["candidates"][max(range(2), key=lambda i: line["probs"][i])]
+    rows = [{"instruction": "the good is\n\nAnswer format: true/false", "input": ""},
+            {"instruction": "the bad is\n\nAnswer format: true/false", "input": "", "output": "the correct answer is false",
+             "answer": "false"}]
+    with open(tmp_path / "rows.jsonl", "w") as handle:
+        handle.writelines(json.dumps(r) + "\n" for r in rows)
+    assert main(["predict", *common, "--data", str(tmp_path / "rows.jsonl")]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.strip().splitlines()]
+    assert [x["candidates"] for x in lines] == [["the correct answer is true", "the correct answer is false"]] * 2
+    assert main(["predict", *common, "--text", "the good", "--candidate", "true"]) == 1
+    assert "at least two --candidate" in capsys.readouterr().err
+    with open(tmp_path / "labelled.jsonl", "w") as handle:
+        handle.write(json.dumps(rows[1]) + "\n" + json.dumps({**rows[1], "answer": "true", "output": "the correct answer is true"}) + "\n")
+    assert main(["evaluate", *common, "--data", str(tmp_path / "labelled.jsonl")]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert set(metrics) == {"mean", "predictive"} and 0 <= metrics["predictive"]["accuracy"] <= 1
