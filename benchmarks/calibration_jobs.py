@@ -24,7 +24,7 @@ from calibration_methods import (
 RESULTS = os.path.join("benchmarks", "results", "calibration")
 ADAPTERS = os.path.join("benchmarks", "out", "calibration")
 #: job -> what it needs; derived methods (lora_ts, ensemble) are formed from saved outputs at summary time.
-JOBS = ("lora", "lora_m1", "lora_m2", "mc_dropout", "bayesianize", "peft_mc", "ours", "ours_improved")
+JOBS = ("lora", "ours", "ours_improved", "peft_mc", "mc_dropout", "bayesianize", "lora_m1", "lora_m2")
 MEMBER_SEEDS = {"lora": 0, "lora_m1": 1000, "lora_m2": 2000}
 BAYESIANIZE = dict(num_epochs=2, learning_rate=1e-2)
 
