@@ -48,7 +48,7 @@ from .io_format import (
     PathLike,
 )
 from .io_load import adapter_folder, check_model_path, load, read_metadata
-from .io_save import final_metrics, merged_state_dict, save_merged, save_pretrained, save_result, write_checkpoint_files
+from .io_save import final_metrics, merged_state_dict, save_merged, save_pretrained, save_result, save_trained
 
 __all__ = [
     "save_pretrained",
@@ -58,7 +58,7 @@ __all__ = [
     "merged_state_dict",
     "adapter_folder",
     "read_metadata",
-    "write_checkpoint_files",
+    "save_trained",
     "final_metrics",
     "check_finite",
     "check_output_folder",

@@ -1,5 +1,8 @@
 """Write MonteCLoRA adapters: the adapter folder, training checkpoints and merged models.
 
+Training (``train()`` and the Trainer's checkpoints) saves through one function,
+:func:`save_trained`.
+
 An adapter folder holds a standard peft LoRA adapter of the posterior mean, the variational
 posterior (safetensors) and ``monteclora_config.json`` (:mod:`pyro_monteclora.io_format`); a
 merged output is a plain transformers model with that folder in ``adapter/``. Each is built
@@ -46,7 +49,7 @@ from .quantization import _is_quanto, dense_weight, quantization_of
 if TYPE_CHECKING:  # pragma: no cover
     from .monteclora import MonteCLoRA
 
-__all__ = ["save_pretrained", "save_merged", "save_result", "write_checkpoint_files", "merged_state_dict", "final_metrics"]
+__all__ = ["save_pretrained", "save_merged", "save_result", "save_trained", "merged_state_dict", "final_metrics"]
 
 
 def _write_adapter(monteclora: "MonteCLoRA", folder: str, metrics: Optional[dict], card: bool) -> None:
@@ -77,19 +80,6 @@ def _write_card(monteclora: "MonteCLoRA", folder: str, merged: bool, metrics: Op
     )
     with open(os.path.join(folder, "README.md"), "w", encoding="utf-8") as handle:
         handle.write(card)
-
-
-def write_checkpoint_files(monteclora: "MonteCLoRA", folder: PathLike, tokenizer: Any = None) -> None:
-    """Write the adapter files into an existing ``folder`` (a Trainer ``checkpoint-<step>``).
-
-    The folder then loads with :func:`load` like any adapter folder. Non-finite tensors are
-    refused before anything is written.
-    """
-    folder = os.fspath(folder)
-    _write_adapter(monteclora, folder, metrics=None, card=False)
-    tokenizer = tokenizer if tokenizer is not None else monteclora.tokenizer
-    if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
-        tokenizer.save_pretrained(folder)
 
 
 def save_pretrained(
@@ -221,15 +211,60 @@ def final_metrics(result: Any) -> dict[str, float]:
     return metrics
 
 
+def save_trained(
+    monteclora: "MonteCLoRA",
+    folder: PathLike,
+    *,
+    checkpoint: bool = False,
+    merge_adapter: Optional[bool] = None,
+    metrics: Optional[dict] = None,
+    tokenizer: Any = None,
+    overwrite: bool = False,
+) -> str:
+    """The one function training saves through: a Trainer checkpoint, or the run's output.
+
+    Args:
+        monteclora: the trained model.
+        folder: where to write.
+        checkpoint: write the adapter files (no model card) into ``folder``, a folder that
+            Trainer made and owns (``checkpoint-<step>`` or ``save_model``'s); Trainer writes its
+            optimizer, scheduler and ``trainer_state.json`` beside them, last, which marks the
+            checkpoint complete. Otherwise ``folder`` is the run's output, built beside and moved
+            into place (:func:`save_merged` or :func:`save_pretrained`, with a model card).
+        merge_adapter: for an output, a merged model (``True``) or the adapter alone; default
+            ``monteclora.monteclora_config.merge_adapter``. Not for a checkpoint.
+        metrics: for an output, the metrics of its model card.
+        tokenizer: for a checkpoint, the tokenizer saved into it (default: ``monteclora.tokenizer``;
+            an output always saves ``monteclora.tokenizer``).
+        overwrite: for an output, replace a non-empty folder that is not a previous output.
+
+    Non-finite tensors are refused before anything is written. Returns the folder's absolute path.
+    """
+    if checkpoint:
+        if merge_adapter or metrics or overwrite:
+            raise ValueError("a checkpoint holds the adapter alone: merge_adapter, metrics and overwrite are for outputs")
+        folder = os.path.abspath(os.fspath(folder))
+        _write_adapter(monteclora, folder, metrics=None, card=False)
+        tokenizer = tokenizer if tokenizer is not None else monteclora.tokenizer
+        if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
+            tokenizer.save_pretrained(folder)
+        return folder
+    if tokenizer is not None and tokenizer is not monteclora.tokenizer:
+        raise ValueError("an output saves monteclora.tokenizer; set it instead of passing tokenizer=")
+    if merge_adapter is None:
+        merge_adapter = monteclora.monteclora_config.merge_adapter
+    save = save_merged if merge_adapter else save_pretrained
+    return save(monteclora, folder, metrics=metrics, overwrite=overwrite)
+
+
 def save_result(result: Any, folder: PathLike, *, overwrite: bool = False) -> str:
     """Save what :func:`~pyro_monteclora.train` returned: merged by default, per ``merge_adapter``.
 
     With ``result.config.merge_adapter`` (the default) the folder is a merged transformers model
     with the Bayesian adapter in ``adapter/``; otherwise it is the adapter folder itself. The
-    model card lists the final metrics.
+    model card lists the final metrics (:func:`final_metrics`). Goes through :func:`save_trained`.
     """
     config = result.config or result.model.monteclora_config
-    metrics = final_metrics(result)
-    if config.merge_adapter:
-        return save_merged(result.model, folder, metrics=metrics, overwrite=overwrite)
-    return save_pretrained(result.model, folder, metrics=metrics, overwrite=overwrite)
+    return save_trained(
+        result.model, folder, merge_adapter=config.merge_adapter, metrics=final_metrics(result), overwrite=overwrite
+    )

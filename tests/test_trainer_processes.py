@@ -34,12 +34,12 @@ class KillAfterSave(TrainerCallback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 if mode == "midwrite":  # die halfway through writing checkpoint-6: adapter written, the rest not
-    write = trainer_module.write_checkpoint_files
-    def half_write(monteclora, folder, tokenizer=None):
-        write(monteclora, folder, tokenizer)
+    write = trainer_module.save_trained
+    def half_write(monteclora, folder, **kwargs):
+        write(monteclora, folder, **kwargs)
         if folder.endswith("checkpoint-6"):
             os.kill(os.getpid(), signal.SIGKILL)
-    trainer_module.write_checkpoint_files = half_write
+    trainer_module.save_trained = half_write
 
 result = pyro_monteclora.train(
     tiny_llama(vocab_size=16), rows, tokenizer=toy_tokenizer(), output_dir=out, save_steps=2, num_epochs=2,

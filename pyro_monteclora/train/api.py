@@ -140,10 +140,11 @@ def train(
             os.rmdir(config.output_dir)  # the empty folder Trainer made for a run that failed
         raise
     if config.output_dir:
-        from ..io import save_result
+        from ..io import final_metrics, save_trained
 
         with quiet(verbose):
-            save_result(result, config.output_dir)
+            save_trained(result.model, config.output_dir, merge_adapter=config.merge_adapter,
+                         metrics=final_metrics(result))
     return result
 
 

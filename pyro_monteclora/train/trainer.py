@@ -63,7 +63,7 @@ import torch
 from transformers import Trainer
 
 from ..config import MonteCLoRAConfig
-from ..io import write_checkpoint_files
+from ..io import save_trained
 from ..monteclora import MonteCLoRA
 from .checkpoints import restore_adapter_state
 from .divergence import CAUSES, DivergenceMonitor, TrainingDiverged
@@ -290,7 +290,7 @@ class MonteCLoRATrainerMixin:
         if not self.args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)
-        write_checkpoint_files(self.monteclora, output_dir, tokenizer=self.processing_class)
+        save_trained(self.monteclora, output_dir, checkpoint=True, tokenizer=self.processing_class)
         with open(os.path.join(output_dir, "training_args.json"), "w", encoding="utf-8") as handle:
             handle.write(self.args.to_json_string())
 
