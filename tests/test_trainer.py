@@ -19,7 +19,7 @@ from pyro_monteclora import MonteCLoRA, MonteCLoRATrainer
 from pyro_monteclora.models.model import MonteCLoRAModel
 from pyro_monteclora.train import ELBOLoss
 from pyro_monteclora.train.data import examples_dataset
-from pyro_monteclora.testing import TOY_WORDS, nonzero_lora_b, tiny_llama
+from pyro_monteclora.testing import TOY_WORDS, nonzero_lora_b, tiny_bert, tiny_llama, toy_sentiment, toy_tokenizer
 
 EPSILON = 0.1  # the draw changes the gradients visibly; at 0.5 the tiny network saturates and float32
 # rounding (different matmul shapes per micro-batch) reaches 30% of some near-zero gradients
@@ -30,9 +30,9 @@ def _rows(n=8):
             for i in range(n)]
 
 
-def _monteclora(**overrides):
+def _monteclora(epsilon=EPSILON, **overrides):
     mc = MonteCLoRA.from_model(
-        tiny_llama(vocab_size=16), lora_r=4, lora_dropout=0.0, sample_scaler=EPSILON, **overrides
+        tiny_llama(vocab_size=16), lora_r=4, lora_dropout=0.0, sample_scaler=epsilon, **overrides
     )
     nonzero_lora_b(mc.network)
     with torch.no_grad():  # a posterior away from the prior, so every variational gradient is non-trivial
@@ -135,22 +135,66 @@ def test_the_checkpointing_test_catches_a_recompute_with_the_mean(tmp_path, word
     assert max(differences) > 1e-4
 
 
-def _train(word_tokenizer, **overrides):
+def _train(word_tokenizer, model=None, **overrides):
     torch.manual_seed(0)
-    model = tiny_llama(vocab_size=16)
+    model = model if model is not None else tiny_llama(vocab_size=16)
     values = dict(tokenizer=word_tokenizer, num_epochs=2, batch_size=4, lora_r=4, lora_dropout=0.0,
                   sample_scaler=EPSILON, learning_rate=1e-2, progress=False, seed=3)
     values.update(overrides)
     return pyro_monteclora.train(model, _rows(12), **values)
 
 
+LARGE_EPSILON = 0.5  # the noise dominates A's update direction; training stays finite
+
+
+def _trainable(mc):
+    return {n: p.detach().clone() for n, p in mc.named_parameters() if p.requires_grad}
+
+
+def _trained_by_trainer(tmp_path, word_tokenizer, **args):
+    """Six AdamW steps with clipping, from B != 0 and a large epsilon, the real draws (not pinned)."""
+    torch.manual_seed(0)
+    mc = _monteclora(LARGE_EPSILON)
+    assert all(p.abs().max() > 0.1 for n, p in mc.named_parameters() if "lora_B" in n)
+    data, collator = examples_dataset(mc, _rows(12), word_tokenizer, max_length=32)
+    trainer = MonteCLoRATrainer(model=mc, args=_args(tmp_path, per_device_train_batch_size=4, num_train_epochs=2,
+                                                     learning_rate=1e-2, max_grad_norm=1.0, seed=3, **args),
+                                train_dataset=data, data_collator=collator)
+    trainer.train()
+    assert trainer.state.global_step == 6
+    return _trainable(mc), mc.is_activation_checkpointing
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_trained_tensors_are_equal_with_and_without_checkpointing(tmp_path, word_tokenizer, reentrant):
+    want, off = _trained_by_trainer(tmp_path, word_tokenizer)
+    got, on = _trained_by_trainer(tmp_path, word_tokenizer, activation_checkpointing=True,
+                                  activation_checkpointing_kwargs={"use_reentrant": reentrant})
+    assert on and not off
+    torch.manual_seed(0)
+    start = _trainable(_monteclora(LARGE_EPSILON))
+    assert all(not torch.equal(start[n], want[n]) for n in want)  # every tensor trained (A, B, head, posterior)
+    _assert_close(got, want, 1e-6, f"trained tensors, reentrant={reentrant}")
+
+
 def test_train_with_and_without_checkpointing_gives_the_same_tensors(word_tokenizer):
-    plain = _train(word_tokenizer, gradient_checkpointing=False)
-    checkpointed = _train(word_tokenizer)  # None: on for a causal LM
+    """``train()`` (non-reentrant, its only mode) on a MonteCLoRA with B != 0 and a large epsilon."""
+    def run(**overrides):
+        torch.manual_seed(0)
+        return _train(word_tokenizer, model=_monteclora(LARGE_EPSILON), sample_scaler=LARGE_EPSILON, **overrides)
+
+    plain = run(gradient_checkpointing=False)
+    checkpointed = run()  # None: on for a causal LM
     assert checkpointed.model.is_activation_checkpointing and not plain.model.is_activation_checkpointing
-    want = {n: p for n, p in plain.model.named_parameters() if p.requires_grad}
-    got = {n: p for n, p in checkpointed.model.named_parameters() if p.requires_grad}
-    _assert_close(got, want, 1e-6, "trained tensors")
+    assert any("lora_B" in n for n in _trainable(plain.model))
+    _assert_close(_trainable(checkpointed.model), _trainable(plain.model), 1e-6, "trained tensors")
+
+
+@pytest.mark.parametrize("setting, want", [(None, False), (True, True)])
+def test_gradient_checkpointing_none_is_off_for_a_classifier(setting, want):
+    result = pyro_monteclora.train(tiny_bert(vocab_size=16), toy_sentiment(8), tokenizer=toy_tokenizer(), num_epochs=1,
+                                   batch_size=8, lora_r=4, progress=False, gradient_checkpointing=setting)
+    assert result.model.is_activation_checkpointing is want
 
 
 def test_bf16_autocast_trains_with_float32_probability(word_tokenizer, monkeypatch):
@@ -251,3 +295,21 @@ def test_save_model_writes_an_adapter_folder_that_load_reads(tmp_path, word_toke
 def test_fp16_on_the_cpu_is_refused_clearly(word_tokenizer):
     with pytest.raises(ValueError, match="fp16.*needs a CUDA GPU.*bf16"):
         _train(word_tokenizer, mixed_precision="fp16")
+
+
+@pytest.mark.parametrize("kind, engine", [("DEEPSPEED", "DeepSpeed"), ("FSDP", "FSDP"), ("MEGATRON_LM", "Megatron-LM")])
+def test_sharding_engines_are_refused_with_what_is_supported(tmp_path, word_tokenizer, monkeypatch, kind, engine):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    from pyro_monteclora.train.trainer import check_distributed_type
+
+    monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self: DistributedType[kind]))
+    mc = _monteclora()
+    data, collator = examples_dataset(mc, _rows(), word_tokenizer, max_length=32)
+    with pytest.raises(ValueError, match=rf"does not support accelerate's {engine}: .* Supported: one process, or DDP"):
+        MonteCLoRATrainer(model=mc, args=_args(tmp_path), train_dataset=data, data_collator=collator)
+    for supported in ("NO", "MULTI_CPU", "MULTI_GPU"):
+        check_distributed_type(str(DistributedType[supported]))
+    with pytest.raises(ValueError, match="DeepSpeed"):  # a plugin is enough, whatever the type says
+        check_distributed_type(str(DistributedType.MULTI_GPU), deepspeed=True)

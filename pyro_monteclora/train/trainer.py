@@ -70,9 +70,43 @@ from .divergence import CAUSES, DivergenceMonitor, TrainingDiverged
 from .draw import HeldDraw
 from .elbo import ELBOLoss, LossTerms
 
-__all__ = ["MonteCLoRATrainerMixin", "MonteCLoRATrainer", "micro_batch_weights"]
+__all__ = ["MonteCLoRATrainerMixin", "MonteCLoRATrainer", "micro_batch_weights", "check_distributed_type",
+           "REFUSED_DISTRIBUTED_TYPES"]
 
 TERMS = ("nll", "kl", "cooperative")
+
+#: accelerate's distributed types that shard and own the gradients (see :func:`check_distributed_type`).
+REFUSED_DISTRIBUTED_TYPES = ("DEEPSPEED", "FSDP", "MEGATRON_LM")
+
+
+def check_distributed_type(kind: str, deepspeed: bool = False, fsdp: bool = False) -> None:
+    """Refuse an accelerate setup whose engine shards and owns the gradients (DeepSpeed, FSDP, Megatron-LM).
+
+    The variational parameters' gradient is added after the engine's backward pass
+    (:meth:`HeldDraw.backward_to_guide <pyro_monteclora.train.draw.HeldDraw.backward_to_guide>`);
+    ZeRO, FSDP and Megatron-LM shard the parameters and gradients and reduce them inside their
+    own backward, so that gradient would be dropped or applied to the wrong shard. Supported:
+    one process, and DDP over several processes (``MULTI_CPU``, ``MULTI_GPU`` and accelerate's
+    other ``MULTI_*`` types).
+
+    Example:
+        >>> check_distributed_type("DistributedType.MULTI_CPU")
+        >>> check_distributed_type("DistributedType.FSDP")
+        Traceback (most recent call last):
+        ...
+        ValueError: MonteCLoRATrainer does not support accelerate's FSDP: ...
+    """
+    refused = next((name for name in REFUSED_DISTRIBUTED_TYPES if name in kind), None)
+    if refused is None and (deepspeed or fsdp):
+        refused = "DEEPSPEED" if deepspeed else "FSDP"
+    if refused is not None:
+        engine = {"DEEPSPEED": "DeepSpeed", "FSDP": "FSDP", "MEGATRON_LM": "Megatron-LM"}[refused]
+        raise ValueError(
+            f"MonteCLoRATrainer does not support accelerate's {engine}: the variational parameters' gradient is "
+            f"added after the backward pass, and {engine} shards and owns the gradients, so it would be lost. "
+            "Supported: one process, or DDP over several processes (accelerate launch --multi_gpu "
+            "--num_processes N, which runs DDP on CPUs too). See docs/training.md, 'Several processes'."
+        )
 
 
 def micro_batch_weights(step_examples: int, world_size: int, accumulation_steps: int) -> tuple[float, float]:
@@ -124,6 +158,7 @@ class MonteCLoRATrainerMixin:
         if not isinstance(model, MonteCLoRA):
             raise TypeError("MonteCLoRATrainer needs model=: a MonteCLoRA or a transformers model")
         super().__init__(*args, **kwargs)
+        check_distributed_type(str(self.accelerator.distributed_type), self.is_deepspeed_enabled, self.is_fsdp_enabled)
         self.monteclora: MonteCLoRA = model
         config = model.monteclora_config
         self.loss_is_scaled_for_ga = True
@@ -263,13 +298,6 @@ class MonteCLoRATrainerMixin:
         super().log(logs, start_time)
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
-        kind = str(self.accelerator.distributed_type)
-        if "DEEPSPEED" in kind or "FSDP" in kind:
-            raise NotImplementedError(
-                f"MonteCLoRATrainer does not support {kind} yet: the variational parameters' gradient is added "
-                "after the engine's backward pass, which DeepSpeed ZeRO and FSDP shard and own; use DDP "
-                "(accelerate launch --multi_gpu) instead"
-            )
         if self.accelerator.num_processes > 1:  # a draw of its own on each process
             torch.manual_seed(self.args.seed + self.accelerator.process_index)
         output = super().train(*args, **kwargs)
