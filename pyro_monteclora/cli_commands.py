@@ -79,7 +79,7 @@ def _train(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     from .evaluation import evaluate
 
-    output = writable_target(args.output, args.overwrite) if args.output else None  # before the work
+    output = writable_target(args.output, args.overwrite, "file") if args.output else None  # before the work
     monteclora = load_monteclora(args)
     metrics = evaluate(
         monteclora, load_data_arg(args.data), num_samples=args.num_samples, batch_size=args.batch_size, seed=args.seed
@@ -188,7 +188,7 @@ def _merge(args: argparse.Namespace) -> int:
 def _convert_kohya(args: argparse.Namespace) -> int:
     from .kohya import peft_to_kohya
 
-    output = writable_target(args.output, args.overwrite)
+    output = writable_target(args.output, args.overwrite, "file")
     written = peft_to_kohya(args.adapter_path, output, include_modules_to_save=not args.lora_only, overwrite=args.overwrite)
     print(json.dumps({"kohya": written}))
     return 0

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import tempfile
 from typing import Any, Optional
 
 __all__ = [
@@ -161,22 +160,18 @@ def load_monteclora(args: argparse.Namespace) -> Any:
     return load(path, args.adapter_path)
 
 
-def writable_target(path: str, overwrite: bool) -> str:
+def writable_target(path: str, overwrite: bool, kind: str = "folder") -> str:
     """The one rule of every writer: an existing file or non-empty folder is replaced only with
-    ``--overwrite``; missing parent folders are created. Checked (with a real write) before any work."""
+    ``--overwrite``, and never by the other kind (``kind``: ``"folder"`` or ``"file"``); missing
+    parent folders are created. Checked (with a real write, :func:`~pyro_monteclora.io_atomic.check_writable`)
+    before any work."""
+    from .io_atomic import check_writable
+
     path = os.path.abspath(path)
     if os.path.exists(path) and (os.path.isfile(path) or os.listdir(path)) and not overwrite:
         raise FileExistsError(f"{path} already exists; pass --overwrite to replace it, or choose another path")
-    parent = os.path.dirname(path)
-    try:
-        os.makedirs(parent, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise NotADirectoryError(f"cannot create {path}: a parent of it is a file, not a folder") from None
-    try:
-        with tempfile.TemporaryFile(dir=parent):
-            pass
-    except OSError as error:
-        raise PermissionError(f"cannot write to {parent}: {error.strerror}") from None
+    check_writable(path, overwrite, kind)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     return path
 
 

@@ -27,7 +27,14 @@ import torch
 
 from .io_format import ADAPTER_SUBFOLDER, CHECKPOINT_PREFIX, CONFIG_NAME, PathLike
 
-__all__ = ["check_finite", "check_output_folder", "atomic_write", "checkpoints_in", "deferred_interrupts"]
+__all__ = [
+    "check_finite",
+    "check_output_folder",
+    "check_writable",
+    "atomic_write",
+    "checkpoints_in",
+    "deferred_interrupts",
+]
 
 
 def check_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
@@ -60,12 +67,42 @@ def is_own_output(folder: str) -> bool:
 def check_output_folder(folder: str, overwrite: bool) -> None:
     """Refuse a target that is a file, or a non-empty folder not written by us unless ``overwrite``."""
     if os.path.exists(folder) and not os.path.isdir(folder):
-        raise FileExistsError(f"{folder!r} exists and is not a folder")
+        raise FileExistsError(f"{folder!r} exists and is not a folder: the output is a folder, choose another path")
     if os.path.isdir(folder) and os.listdir(folder) and not overwrite and not is_own_output(folder):
         raise FileExistsError(
             f"{folder!r} is not empty and is not a pyro-monteclora output; choose another folder or pass "
             "overwrite=True (--overwrite) to replace it"
         )
+
+
+def check_writable(path: PathLike, overwrite: bool, kind: str = "folder") -> str:
+    """Before any work: refuse a target that cannot become the output, then probe its parent with a real write.
+
+    ``kind="folder"`` follows :func:`check_output_folder` (a file is refused even with
+    ``overwrite``); ``kind="file"`` refuses a folder, and an existing file unless ``overwrite``.
+    The nearest existing parent must be a folder we can write a file in; nothing is created.
+    Returns the absolute path.
+    """
+    path = os.path.abspath(os.fspath(path))
+    if kind == "folder":
+        check_output_folder(path, overwrite)
+    elif kind != "file":
+        raise ValueError(f"kind must be 'folder' or 'file', got {kind!r}")
+    elif os.path.isdir(path):
+        raise IsADirectoryError(f"{path!r} is a folder; the output is a file: choose a file path")
+    elif os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path} already exists; pass --overwrite (overwrite=True) to replace it")
+    parent = os.path.dirname(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise NotADirectoryError(f"cannot create {path}: {parent} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as error:
+        raise PermissionError(f"cannot write to {parent}: {error.strerror}") from None
+    return path
 
 
 @contextlib.contextmanager

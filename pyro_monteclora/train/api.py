@@ -116,10 +116,10 @@ def train(
     """
     base_config = model.monteclora_config if isinstance(model, MonteCLoRA) else MonteCLoRAConfig()
     config = (config or base_config).replace(**overrides)
-    if config.output_dir:  # refuse a folder we may not write before spending the training time
-        from ..io import check_output_folder
+    if config.output_dir:  # refuse a folder we may not write (a file, an unwritable parent) before training
+        from ..io_atomic import check_writable
 
-        check_output_folder(os.path.abspath(config.output_dir), overwrite=False)
+        check_writable(config.output_dir, overwrite=False)
     resume = _resume_path(resume_from_checkpoint, config)
     created = bool(config.output_dir) and not os.path.exists(config.output_dir)
     try:
