@@ -59,9 +59,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         elif value.startswith("--token="):
             SECRETS.append(value.split("=", 1)[1])
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.formatwarning = _format_warning
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-    args = build_parser().parse_args(argv)
+    formatwarning = warnings.formatwarning
+    try:  # warnings as one line each, for this call only: the caller's filters and format come back
+        with warnings.catch_warnings():
+            warnings.formatwarning = _format_warning
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+            return _run(build_parser().parse_args(argv))
+    finally:
+        warnings.formatwarning = formatwarning
+
+
+def _run(args: Any) -> int:
+    """Run the subcommand of ``args``; an error becomes one line on stderr and exit code 1."""
     try:
         from .quiet import quiet
 

@@ -53,13 +53,14 @@ def smollm2_path() -> str:
     return folder
 
 
-def load_smollm2(dtype: Any = None, verbose: bool = False) -> tuple[Any, Any]:
+def load_smollm2(dtype: Any = None, verbose: Optional[bool] = None) -> tuple[Any, Any]:
     """``(model, tokenizer)`` of SmolLM2-135M-Instruct, loaded offline from the packaged GGUF file.
 
     The model is a ``LlamaForCausalLM`` (134.5M parameters, 30 layers, hidden 576, vocabulary
     49152, tied embeddings), dequantized to float32 (or ``dtype``); the tokenizer carries the
     chat template, and its pad token is set (to eos) if the file defines none. Takes about 15 s.
-    Quiet unless ``verbose``: transformers' GGUF progress bar and logs are off during the load.
+    Quiet unless ``verbose`` (by default, that of the enclosing :func:`~pyro_monteclora.quiet.quiet`
+    block): transformers' GGUF progress bar and logs are off during the load.
 
     Example:
         >>> model, tokenizer = load_smollm2()                       # doctest: +SKIP
@@ -71,8 +72,9 @@ def load_smollm2(dtype: Any = None, verbose: bool = False) -> tuple[Any, Any]:
         raise ImportError(f"loading a GGUF model needs the gguf package: {SMOLLM2_INSTALL}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .quiet import quiet
+    from .quiet import is_verbose, quiet
 
+    verbose = is_verbose(verbose)
     kwargs = {"dtype": dtype} if dtype is not None else {}
     with quiet(verbose), _quiet_gguf_bar(verbose):
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_FILE)
