@@ -95,7 +95,11 @@ def class_labels(
             top = max(values)
             count = num_labels if num_labels is not None else top + 1
             if min(values) < 0 or top >= count:
-                raise ValueError(f"{source}: integer labels must lie in [0, {count}); the data has {sorted(values)[:10]}")
+                row = next(i for i, v in enumerate(labels, 1) if v < 0 or v >= count)
+                raise ValueError(
+                    f"{source}: the label in row {row} ({labels[row - 1]}) is out of range: integer labels must lie "
+                    f"in [0, {count}); the data has {sorted(values)[:10]}"
+                )
             if num_labels is None and len(values) != count:
                 missing = sorted(set(range(count)) - values)
                 raise ValueError(

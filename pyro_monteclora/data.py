@@ -5,7 +5,10 @@ or ``test`` for evaluation), a list of dicts, or the path of a local JSON / JSON
 (read by :mod:`pyro_monteclora.data_files`, whose errors name the file and the line).
 
 - classification: columns ``text`` and ``label`` (an int in ``[0, num_labels)``, or a string
-  in the model's ``label2id``); a ``text_pair`` column is passed as the second segment.
+  in the model's ``label2id``); a ``text_pair`` column is passed as the second segment. The
+  classes are the model's: the rows need not hold every class, so data of a single class
+  trains the model's ``num_labels``-class head (the CLI, which infers the classes from the
+  labels, refuses a single class).
 - causal LM: ``instruction``/``input``/``output`` (the format of the paper's commonsense and
   math sets, with the Alpaca prompt they were trained with), ``prompt``/``completion``, or chat
   ``messages`` (a list of ``{"role", "content"}``; the last message is the target). Only the
