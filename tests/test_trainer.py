@@ -302,7 +302,7 @@ def test_sharding_engines_are_refused_with_what_is_supported(tmp_path, word_toke
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
 
-    from pyro_monteclora.train.trainer import check_distributed_type
+    from pyro_monteclora.train.distributed import check_distributed_type
 
     monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self: DistributedType[kind]))
     mc = _monteclora()
@@ -313,3 +313,15 @@ def test_sharding_engines_are_refused_with_what_is_supported(tmp_path, word_toke
         check_distributed_type(str(DistributedType[supported]))
     with pytest.raises(ValueError, match="DeepSpeed"):  # a plugin is enough, whatever the type says
         check_distributed_type(str(DistributedType.MULTI_GPU), deepspeed=True)
+
+
+def test_a_launched_process_that_would_train_alone_is_refused(tmp_path, word_tokenizer, monkeypatch):
+    """torchrun's WORLD_SIZE=2 with a Trainer that runs as one process (no use_cpu=True on a machine without
+    GPUs): each process would train alone on all the data."""
+    mc = _monteclora()
+    data, collator = examples_dataset(mc, _rows(), word_tokenizer, max_length=32)
+    args = _args(tmp_path)
+    assert args.world_size == 1  # accelerate's state is set up before the variable appears
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"launched as one of 2 .* runs as 1 process: .*use_cpu=True"):
+        MonteCLoRATrainer(model=mc, args=args, train_dataset=data, data_collator=collator)

@@ -3,6 +3,7 @@
 - :mod:`.elbo`: the objective (negative ELBO + cooperative loss) as an ``nn.Module``;
 - :mod:`.draw`: the adapter drawn for a step, held until its backward pass has run;
 - :mod:`.trainer`: :class:`MonteCLoRATrainerMixin` / :class:`MonteCLoRATrainer`;
+- :mod:`.distributed`: the accelerate setups the Trainer runs under (one process, DDP) and the refusals;
 - :mod:`.api`: :func:`train`, a thin layer over the Trainer.
 
 The subpackage and the function share a name; this module is itself callable (it calls

@@ -60,53 +60,22 @@ import shutil
 from typing import Any, Optional
 
 import torch
+from accelerate.utils import get_int_from_env
 from transformers import Trainer
 
 from ..config import MonteCLoRAConfig
 from ..io import save_trained
 from ..monteclora import MonteCLoRA
 from .checkpoints import restore_adapter_state
+from .distributed import check_distributed_type, check_process_count
 from .divergence import CAUSES, DivergenceMonitor, TrainingDiverged
 from .draw import HeldDraw
 from .elbo import ELBOLoss, LossTerms
 
-__all__ = ["MonteCLoRATrainerMixin", "MonteCLoRATrainer", "micro_batch_weights", "check_distributed_type",
-           "REFUSED_DISTRIBUTED_TYPES"]
+__all__ = ["MonteCLoRATrainerMixin", "MonteCLoRATrainer", "micro_batch_weights"]
 
 TERMS = ("nll", "kl", "cooperative")
-
-#: accelerate's distributed types that shard and own the gradients (see :func:`check_distributed_type`).
-REFUSED_DISTRIBUTED_TYPES = ("DEEPSPEED", "FSDP", "MEGATRON_LM")
-
-
-def check_distributed_type(kind: str, deepspeed: bool = False, fsdp: bool = False) -> None:
-    """Refuse an accelerate setup whose engine shards and owns the gradients (DeepSpeed, FSDP, Megatron-LM).
-
-    The variational parameters' gradient is added after the engine's backward pass
-    (:meth:`HeldDraw.backward_to_guide <pyro_monteclora.train.draw.HeldDraw.backward_to_guide>`);
-    ZeRO, FSDP and Megatron-LM shard the parameters and gradients and reduce them inside their
-    own backward, so that gradient would be dropped or applied to the wrong shard. Supported:
-    one process, and DDP over several processes (``MULTI_CPU``, ``MULTI_GPU`` and accelerate's
-    other ``MULTI_*`` types).
-
-    Example:
-        >>> check_distributed_type("DistributedType.MULTI_CPU")
-        >>> check_distributed_type("DistributedType.FSDP")
-        Traceback (most recent call last):
-        ...
-        ValueError: MonteCLoRATrainer does not support accelerate's FSDP: ...
-    """
-    refused = next((name for name in REFUSED_DISTRIBUTED_TYPES if name in kind), None)
-    if refused is None and (deepspeed or fsdp):
-        refused = "DEEPSPEED" if deepspeed else "FSDP"
-    if refused is not None:
-        engine = {"DEEPSPEED": "DeepSpeed", "FSDP": "FSDP", "MEGATRON_LM": "Megatron-LM"}[refused]
-        raise ValueError(
-            f"MonteCLoRATrainer does not support accelerate's {engine}: the variational parameters' gradient is "
-            f"added after the backward pass, and {engine} shards and owns the gradients, so it would be lost. "
-            "Supported: one process, or DDP over several processes (accelerate launch --multi_gpu "
-            "--num_processes N, which runs DDP on CPUs too). See docs/training.md, 'Several processes'."
-        )
+_WORLD_SIZE_VARIABLES = ["WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"]  # as accelerate reads them
 
 
 def micro_batch_weights(step_examples: int, world_size: int, accumulation_steps: int) -> tuple[float, float]:
@@ -159,6 +128,7 @@ class MonteCLoRATrainerMixin:
             raise TypeError("MonteCLoRATrainer needs model=: a MonteCLoRA or a transformers model")
         super().__init__(*args, **kwargs)
         check_distributed_type(str(self.accelerator.distributed_type), self.is_deepspeed_enabled, self.is_fsdp_enabled)
+        check_process_count(get_int_from_env(_WORLD_SIZE_VARIABLES, 1), self.accelerator.num_processes)
         self.monteclora: MonteCLoRA = model
         config = model.monteclora_config
         self.loss_is_scaled_for_ga = True
