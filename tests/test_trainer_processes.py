@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import pyro_monteclora
-from pyro_monteclora.testing import tiny_llama, toy_tokenizer
+from conftest import REPO
+from pyro_monteclora.testing import tiny_bert, tiny_llama, toy_tokenizer
 from pyro_monteclora.train.checkpoints import latest_checkpoint
 
 RUN = r'''
@@ -94,37 +98,94 @@ def test_an_interrupted_checkpoint_write_leaves_the_previous_one_loadable(tmp_pa
     assert "STEPS [5, 6]" in resumed.stdout
 
 
-DDP = r'''
-import json, os, sys
+KNOBS = dict(num_epochs=2, batch_size=4, lora_r=4, learning_rate=1e-2, sample_scaler=0.5, max_grad_norm=None)
+
+# Run by the README's accelerate command. Besides the trained parameters, each process records its
+# first micro-batch, the random state its first adapter was drawn from, the parameters at the start
+# and the first step's gradients after DDP's averaging (before the optimizer step; no clipping).
+DDP = r"""
+import json, os
+from safetensors.torch import save_file
+from transformers import TrainerCallback
 import pyro_monteclora
+import pyro_monteclora.train.draw as draw_module
 import pyro_monteclora.train.trainer as trainer_module
 from pyro_monteclora.testing import tiny_bert, toy_sentiment, toy_tokenizer
 
-seen = []
+seen, first = [], {}
 compute_loss = trainer_module.MonteCLoRATrainerMixin.compute_loss
 def recording(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-    seen.append({"index": inputs["index"].tolist(), "step_examples": self._step_examples})
+    seen.append({"index": inputs["index"].tolist(), "step_examples": self._step_examples, "dataset_size": self.dataset_size})
+    if len(seen) == 1:
+        first.update({"batch." + k: v.detach().clone() for k, v in inputs.items()})
     return compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
 trainer_module.MonteCLoRATrainerMixin.compute_loss = recording
 
-result = pyro_monteclora.train(tiny_bert(vocab_size=16), toy_sentiment(32), tokenizer=toy_tokenizer(), num_epochs=2,
-                               batch_size=4, lora_r=4, learning_rate=1e-2, sample_scaler=0.5, progress=False)
+capture_rng = draw_module.HeldDraw.capture_rng
+def capturing(self, device):
+    capture_rng(self, device)
+    first.setdefault("rng", self._rng[1].clone())
+draw_module.HeldDraw.capture_rng = capturing
+
+class FirstStep(TrainerCallback):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        first.update({"start." + n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if state.global_step == 0:
+            first.update({"grad." + n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None})
+
+result = pyro_monteclora.train(tiny_bert(vocab_size=16), toy_sentiment(32), tokenizer=toy_tokenizer(), progress=False,
+                               callbacks=[FirstStep()], **KNOBS)
+rank = os.environ["RANK"]
+save_file({k: v.contiguous() for k, v in first.items()}, f"first{rank}.safetensors")
 params = {n: p.detach().tolist() for n, p in result.model.named_parameters() if p.requires_grad}
-with open(os.path.join(sys.argv[1], f"rank{os.environ['RANK']}.json"), "w") as handle:
-    json.dump({"params": params, "seen": seen, "history": result.history,
-               "world": int(os.environ["WORLD_SIZE"])}, handle)
-'''
+with open(f"rank{rank}.json", "w") as handle:
+    json.dump({"params": params, "seen": seen, "history": result.history, "world": int(os.environ["WORLD_SIZE"])}, handle)
+""".replace("**KNOBS", ", ".join(f"{k}={v!r}" for k, v in KNOBS.items()))
+
+
+def _readme_accelerate_command() -> list[str]:
+    """The README's accelerate usage: its one bash block that starts with ``accelerate launch``."""
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as handle:
+        blocks = re.findall(r"```bash\n(accelerate launch [^\n]*)\n```", handle.read())
+    assert len(blocks) == 1, blocks
+    command = shlex.split(blocks[0])
+    assert command[-1] == "my_training_script.py", command
+    return command
+
+
+def _single_process_gradients(firsts: list[dict[str, torch.Tensor]], dataset_size: int) -> dict[str, torch.Tensor]:
+    """The step's gradient in one process, no accumulation: each process's examples with its own draw
+    (the random state it drew from), the objective ``sum_i nll_i / n + KL / D + cooperative`` averaged
+    over the draws."""
+    from pyro_monteclora import MonteCLoRA, MonteCLoRAConfig
+    from pyro_monteclora.train import ELBOLoss
+
+    config = MonteCLoRAConfig(**KNOBS)
+    mc = MonteCLoRA.from_model(tiny_bert(vocab_size=16), config)
+    trainable = {n: p for n, p in mc.named_parameters() if p.requires_grad}
+    assert set(trainable) == {k[len("start."):] for k in firsts[0] if k.startswith("start.")}
+    with torch.no_grad():
+        for name, param in trainable.items():
+            param.copy_(firsts[0][f"start.{name}"])
+    mc.train()
+    elbo = ELBOLoss(mc.model, mc.guide, config.kl_weight, config.cooperative_weight)
+    for first in firsts:
+        torch.set_rng_state(first["rng"])
+        batch = {k[len("batch."):]: v for k, v in first.items() if k.startswith("batch.")}
+        (elbo(batch, dataset_size).loss / len(firsts)).backward()
+    return {n: p.grad for n, p in trainable.items() if p.grad is not None}
 
 
 @pytest.mark.skipif(shutil.which("accelerate") is None, reason="accelerate's launcher is not on PATH")
-def test_two_processes_end_with_identical_parameters_and_draw_their_own_adapters(tmp_path):
-    script = tmp_path / "ddp.py"
-    script.write_text(DDP)
-    command = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", str(script), str(tmp_path)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+def test_the_readme_accelerate_command_runs_two_processes_that_agree(tmp_path):
+    (tmp_path / "my_training_script.py").write_text(DDP)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf")}  # no user accelerate config
+    start = time.perf_counter()
+    run = subprocess.run(_readme_accelerate_command(), capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    wall = time.perf_counter() - start
     assert run.returncode == 0, run.stderr[-3000:]
+    assert wall < 60, f"the 2-process run took {wall:.0f} s"
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["world"] == 2 for r in ranks)
     assert ranks[0]["params"] == ranks[1]["params"]
@@ -133,3 +194,14 @@ def test_two_processes_end_with_identical_parameters_and_draw_their_own_adapters
     assert all(s["step_examples"] == 8 for r in ranks for s in r["seen"])  # 2 processes x 4 examples
     cooperative = [[h["cooperative"] for h in r["history"]] for r in ranks]
     assert cooperative[0] != cooperative[1]  # each process draws its own adapter
+    # the loss weighting across processes: the averaged gradient is the single-process gradient
+    firsts = [load_file(tmp_path / f"first{r}.safetensors") for r in (0, 1)]
+    assert not torch.equal(firsts[0]["rng"], firsts[1]["rng"])  # two draws
+    got = {k[len("grad."):]: v for k, v in firsts[0].items() if k.startswith("grad.")}
+    assert got and all(torch.equal(v, firsts[1][f"grad.{k}"]) for k, v in got.items())  # DDP averaged them
+    assert any(".posteriors." in k for k in got) and any("lora_B" in k for k in got)
+    want = _single_process_gradients(firsts, ranks[0]["seen"][0]["dataset_size"])
+    assert set(got) == set(want)
+    difference = max(float((got[k] - want[k]).abs().max()) for k in want)
+    assert difference < 1e-5, difference
+    print(f"2-process wall time {wall:.1f} s; gradient max abs difference {difference:.2e}")
