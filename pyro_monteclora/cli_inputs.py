@@ -181,16 +181,11 @@ def writable_target(path: str, overwrite: bool, kind: str = "folder") -> str:
 
 def load_gguf(model_path: str, gguf_file: Optional[str]) -> tuple[Any, Any]:
     """A causal LM and its tokenizer from a GGUF file (dequantized), or the packaged SmolLM2."""
-    from .examples import load_smollm2
+    from .examples import load_gguf as load_gguf_file, load_smollm2
 
     if gguf_file is None or model_path == "smollm2":
         return load_smollm2()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     if not os.path.isfile(os.path.join(model_path, gguf_file)):
         raise FileNotFoundError(f"no GGUF file {gguf_file!r} in {model_path!r}")
-    tokenizer = AutoTokenizer.from_pretrained(model_path, gguf_file=gguf_file)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return AutoModelForCausalLM.from_pretrained(model_path, gguf_file=gguf_file), tokenizer
+    return load_gguf_file(model_path, gguf_file)
 

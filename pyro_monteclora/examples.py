@@ -68,6 +68,19 @@ def load_smollm2(dtype: Any = None, verbose: Optional[bool] = None) -> tuple[Any
         ('LlamaForCausalLM', '<|im_end|>')
     """
     folder = smollm2_path()
+    return load_gguf(folder, SMOLLM2_FILE, dtype=dtype, verbose=verbose)
+
+
+def load_gguf(folder: str, gguf_file: str, dtype: Any = None, verbose: Optional[bool] = None) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` of a causal LM from ``folder/gguf_file``, dequantized and unmarked.
+
+    The weights come out dequantized (to float32, or ``dtype``); the GGUF marks are dropped, so
+    that Trainer, peft and ``save_pretrained`` treat the model as the plain float model it now is
+    (a merged save then loads without gguf). The pad token is set to eos if the file defines none.
+
+    Example:
+        >>> model, tokenizer = load_gguf(smollm2_path(), SMOLLM2_FILE)   # doctest: +SKIP
+    """
     if importlib.util.find_spec("gguf") is None:
         raise ImportError(f"loading a GGUF model needs the gguf package: {SMOLLM2_INSTALL}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -77,12 +90,10 @@ def load_smollm2(dtype: Any = None, verbose: Optional[bool] = None) -> tuple[Any
     verbose = is_verbose(verbose)
     kwargs = {"dtype": dtype} if dtype is not None else {}
     with quiet(verbose), _quiet_gguf_bar(verbose):
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=SMOLLM2_FILE)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=SMOLLM2_FILE, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, **kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    # The weights are dequantized: drop the GGUF marks, so that Trainer, peft and save_pretrained
-    # treat the model as the plain float model it now is (a merged save then loads without gguf).
     model.is_quantized, model.hf_quantizer = False, None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
