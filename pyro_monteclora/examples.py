@@ -68,6 +68,8 @@ def load_smollm2(dtype: Any = None, verbose: Optional[bool] = None) -> tuple[Any
         ('LlamaForCausalLM', '<|im_end|>')
     """
     folder = smollm2_path()
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError(f"loading a GGUF model needs the gguf package: {SMOLLM2_INSTALL}")
     return load_gguf(folder, SMOLLM2_FILE, dtype=dtype, verbose=verbose)
 
 
@@ -82,7 +84,7 @@ def load_gguf(folder: str, gguf_file: str, dtype: Any = None, verbose: Optional[
         >>> model, tokenizer = load_gguf(smollm2_path(), SMOLLM2_FILE)   # doctest: +SKIP
     """
     if importlib.util.find_spec("gguf") is None:
-        raise ImportError(f"loading a GGUF model needs the gguf package: {SMOLLM2_INSTALL}")
+        raise ImportError("loading a GGUF model needs the gguf package: pip install gguf (or: pip install 'pyro-monteclora[llm]')")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .quiet import is_verbose, quiet
