@@ -8,7 +8,7 @@ fine-tuned side by side:
   NLL, Brier and ECE of the mean adapter and of the posterior predictive;
 - greedy generation with answer extraction on ARC-Easy (the paper's own evaluation).
 
-About 15 minutes on 2 CPU cores with the defaults::
+Defaults sized for about 15 minutes on 2 CPU cores (not yet measured end to end)::
 
     python examples/commonsense_llm.py [--train-per-task 220] [--test-per-task 80] [--answers labels|texts]
 
