@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping, Optional
 
@@ -162,7 +163,9 @@ def attach_lora(
         bias="none",
     )
     try:
-        network = get_peft_model(model, lora_config)
+        with warnings.catch_warnings():  # peft reads transformers' deprecated name; nothing for our user to do
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            network = get_peft_model(model, lora_config)
     except ValueError as error:
         message = str(error)
         if "not found" in message or "No modules were targeted" in message or "target" in message.lower():

@@ -236,3 +236,15 @@ def test_candidate_scoring_on_answer_positions_only_equals_full_logits(word_toke
     for mode in ("sample", "mean"):
         assert torch.allclose(scores[True, mode], scores[False, mode], atol=1e-5), mode
     assert not torch.allclose(scores[True, "sample"][0], scores[True, "sample"][1])  # the draws differ
+
+
+def test_attaching_shows_no_peft_deprecation_warning_and_leaves_the_filters_alone():
+    import warnings
+
+    before = list(warnings.filters)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        MonteCLoRA.from_model(tiny_llama(), lora_r=4)
+        shown = [str(w.message) for w in caught if "is_gradient_checkpointing" in str(w.message)]
+    assert shown == []
+    assert warnings.filters == before
