@@ -80,7 +80,9 @@ def check_writable(path: PathLike, overwrite: bool, kind: str = "folder") -> str
 
     ``kind="folder"`` follows :func:`check_output_folder` (a file is refused even with
     ``overwrite``); ``kind="file"`` refuses a folder, and an existing file unless ``overwrite``.
-    The nearest existing parent must be a folder we can write a file in; nothing is created.
+    The nearest existing parent must be a folder we can write a file in (a link there must
+    resolve), and so must the output folder itself if it exists (training writes its checkpoints
+    there); nothing is created.
     Returns the absolute path.
     """
     path = os.path.abspath(os.fspath(path))
@@ -93,15 +95,19 @@ def check_writable(path: PathLike, overwrite: bool, kind: str = "folder") -> str
     elif os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path} already exists; pass --overwrite (overwrite=True) to replace it")
     parent = os.path.dirname(path)
-    while not os.path.exists(parent):
+    while not os.path.lexists(parent):
         parent = os.path.dirname(parent)
+    if os.path.islink(parent) and not os.path.exists(parent):
+        raise FileNotFoundError(f"cannot create {path}: {parent} is a link to {os.readlink(parent)!r}, which does not exist")
     if not os.path.isdir(parent):
         raise NotADirectoryError(f"cannot create {path}: {parent} is a file, not a folder")
-    try:
-        with tempfile.TemporaryFile(dir=parent):
-            pass
-    except OSError as error:
-        raise PermissionError(f"cannot write to {parent}: {error.strerror}") from None
+    # the parent receives the finished output; an existing output folder also receives the checkpoints
+    for folder in (parent, path) if kind == "folder" and os.path.isdir(path) else (parent,):
+        try:
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as error:
+            raise PermissionError(f"cannot write to {folder}: {error.strerror}") from None
     return path
 
 

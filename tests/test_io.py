@@ -188,3 +188,30 @@ def test_load_rejects_another_base_model(tmp_path):
     folder = save_pretrained(_trained_like(tiny_bert), tmp_path / "adapter")
     with pytest.raises(ValueError, match="the base model does not fit the adapter.*adapted layers differ"):
         load(tiny_bert(hidden_size=24), folder)
+
+
+def test_check_writable_probes_an_existing_output_folder_and_refuses_a_dangling_link(tmp_path, monkeypatch):
+    import tempfile
+
+    from pyro_monteclora.io_atomic import check_writable
+
+    out = tmp_path / "out"
+    out.mkdir()  # exists and is empty: the checkpoints go inside it, the finished output next to it
+    real = tempfile.TemporaryFile
+
+    def refuse_inside_out(*args, dir=None, **kwargs):  # as root, modes are not enforced: refuse by path
+        if dir is not None and os.path.abspath(dir) == str(out):
+            raise PermissionError(13, "Permission denied")
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", refuse_inside_out)
+    with pytest.raises(PermissionError, match=f"cannot write to {out}: Permission denied"):
+        check_writable(out, overwrite=False)
+    assert check_writable(tmp_path / "other", overwrite=False) == str(tmp_path / "other")  # the parent is writable
+    monkeypatch.setattr(tempfile, "TemporaryFile", real)
+
+    link = tmp_path / "gone"
+    link.symlink_to(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="gone is a link to .*missing.*, which does not exist"):
+        check_writable(link / "deep" / "out", overwrite=False)
+    assert sorted(os.listdir(tmp_path)) == ["gone", "out"]  # nothing created
