@@ -248,3 +248,43 @@ def test_attaching_shows_no_peft_deprecation_warning_and_leaves_the_filters_alon
         shown = [str(w.message) for w in caught if "is_gradient_checkpointing" in str(w.message)]
     assert shown == []
     assert warnings.filters == before
+
+
+def test_causal_lm_likelihood_equals_cross_entropy_over_the_kept_tokens():
+    """Full logits and logits on the kept positions only both give the per-sequence token
+    cross-entropy, scaled from the batch to the dataset; gaps and a sequence with nothing kept included."""
+    from pyro_monteclora.models import IGNORE_INDEX, causal_lm_likelihood
+    from pyro_monteclora.models.likelihood import target_positions
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 6, 11, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 11, (3, 6), generator=g)
+    labels[0, :3] = IGNORE_INDEX  # a prompt, then the answer
+    labels[1, [0, 2, 5]] = IGNORE_INDEX  # kept tokens with gaps
+    labels[2] = IGNORE_INDEX  # nothing to score
+    per_token = torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view(3, 5)
+    expected = -per_token.sum(1)  # each sequence is one observation
+    assert expected[2] == 0 and (expected[:2] < 0).all()
+
+    def log_likelihood(full: bool):
+        if full:
+            args = (logits, labels)
+            kwargs = {}
+        else:
+            where, valid = target_positions(labels)
+            kept = logits.gather(1, where[..., None].expand(*where.shape, 11))
+            args, kwargs = (kept, labels), {"positions": (where, valid)}
+        trace = poutine.trace(causal_lm_likelihood).get_trace(*args, dataset_size=12, subsample=torch.arange(3), **kwargs)
+        site = trace.nodes["obs"]
+        assert site["value"].shape == (3, 3)  # only the kept positions are normalized, full logits or not
+        return site["fn"].log_prob(site["value"]), trace.log_prob_sum()
+
+    for full in (True, False):
+        per_sequence, total = log_likelihood(full)
+        assert torch.allclose(per_sequence, expected, atol=1e-12), full
+        assert torch.allclose(total, expected.sum() * 12 / 3, atol=1e-10), full
+        (grad,) = torch.autograd.grad(total, logits)
+        (reference,) = torch.autograd.grad(expected.sum() * 4, logits, retain_graph=True)
+        assert torch.allclose(grad, reference, atol=1e-12), full

@@ -99,7 +99,14 @@ def causal_lm_likelihood(
 
     With ``positions`` (from :func:`target_positions`), ``logits`` are ``(batch, K, vocab)``:
     those positions only, as computed with ``logits_to_keep``. The log-likelihood is the same.
+    Given full logits and ``labels``, the positions the labels keep are gathered first, so only
+    they are normalized (the same log-likelihood; a distribution over every position of a 49k
+    vocabulary would cost as much as the network's whole LM head again).
     """
+    if positions is None and labels is not None:
+        positions = target_positions(labels)
+        where = positions[0]
+        logits = logits.gather(1, where[..., None].expand(*where.shape, logits.shape[-1]))
     if positions is not None and labels is not None:
         where, valid = positions
         targets = labels.gather(1, where + 1)
@@ -109,15 +116,5 @@ def causal_lm_likelihood(
                 dist.Categorical(logits=_upcast(logits)).mask(valid).to_event(1),
                 obs=torch.where(valid, targets, torch.zeros_like(targets)),
             )
-    shifted = _upcast(logits[:, :-1])
-    if labels is None:
-        with _plate(logits.shape[0], dataset_size, subsample, logits.device):
-            return pyro.sample(OBSERVATION_SITE, dist.Categorical(logits=shifted).to_event(1))
-    targets = labels[:, 1:]
-    keep = targets != IGNORE_INDEX
-    with _plate(logits.shape[0], dataset_size, subsample, logits.device):
-        return pyro.sample(
-            OBSERVATION_SITE,
-            dist.Categorical(logits=shifted).mask(keep).to_event(1),
-            obs=torch.where(keep, targets, torch.zeros_like(targets)),  # masked positions: any valid id
-        )
+    with _plate(logits.shape[0], dataset_size, subsample, logits.device):  # no labels: the model generates
+        return pyro.sample(OBSERVATION_SITE, dist.Categorical(logits=_upcast(logits[:, :-1])).to_event(1))
