@@ -16,7 +16,8 @@ Methods: ``lora``; ``lora_ts`` (temperature fitted on the validation split); ``m
 ``peft_mc`` (peft's MonteCLoRA variant); ``ours`` (paper settings, S draws); ``ours_improved``
 (the same adapter, noise scale chosen on the validation split: the lever that won, see the
 README); ``bayesianize`` (the trained LoRA's posterior fitted on the validation split, then
-its scale chosen there too). S = 10, 15-bin ECE. Every finished job is saved
+its scale chosen there too); ``ours_wide`` (trained with epsilon = 0.05, 10x the paper's: the
+best lever of ``calibration_levers.py`` on VADER, added after that study). S = 10, 15-bin ECE. Every finished job is saved
 (:mod:`calibration_jobs`); results go to ``benchmarks/results/calibration.{md,json,png}``.
 """
 
@@ -38,7 +39,7 @@ from calibration_methods import SUITES  # noqa: E402
 from pyro_monteclora.calibration import calibration_metrics  # noqa: E402
 from pyro_monteclora.uncertainty import detection_metrics, selective_prediction  # noqa: E402
 
-METHODS = ("lora", "lora_ts", "mc_dropout", "ensemble", "peft_mc", "ours", "ours_improved", "bayesianize")
+METHODS = ("lora", "lora_ts", "mc_dropout", "ensemble", "peft_mc", "ours", "ours_improved", "bayesianize", "ours_wide")
 OUT = os.path.join("benchmarks", "results")
 
 
@@ -75,7 +76,7 @@ def method_outputs(suite, method, seed):
         return {s: (np.asarray(out["probs"][s]), np.asarray(out["mutual_information"][s]), np.asarray(out["labels"][s]))
                 for s in out["probs"] if s != "val"}
 
-    if method in ("lora", "mc_dropout", "peft_mc", "ours", "ours_improved", "bayesianize"):
+    if method in ("lora", "mc_dropout", "peft_mc", "ours", "ours_improved", "bayesianize", "ours_wide"):
         record = _load(suite, method, seed)
         return None if record is None else unpack(record)
     if method == "ours_mean":

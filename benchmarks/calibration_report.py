@@ -21,7 +21,8 @@ from pyro_monteclora.calibration import calibration_bins
 from pyro_monteclora.uncertainty import selective_prediction
 
 OUT = os.path.join("benchmarks", "results")
-CANDIDATE = "ours_improved"
+#: the methods whose targets are stated: the scale chosen on validation, and the lever study's best on VADER
+CANDIDATES = ("ours_improved", "ours_wide")
 
 
 def _mean(values):
@@ -42,48 +43,53 @@ def _paired_text(summary, suite, method, key, metric, baseline="lora"):
     return f"paired Δ vs {baseline} {np.mean(diff):+.3f} ± {se:.3f} (SE, {len(diff)} seeds)"
 
 
-def targets(summary, suite, records):
-    """``[(target, met, text)]`` for one suite (``records``: job records per (job, seed), for times)."""
+def targets(summary, suite, records, candidate: str = "ours_improved"):
+    """``[(target, met, text)]`` of one candidate method on one suite (``records``: job records per (job, seed))."""
     out = []
     per = summary[suite]
-    if not per[CANDIDATE] or not per["lora"]:
+    if not per[candidate] or not per["lora"]:
         return out
 
     def m(method, key, metric):
         return _mean(_runs(summary, suite, method, key, metric).values())
 
-    ece, lora_ece, ts_ece = m(CANDIDATE, "test", "ece"), m("lora", "test", "ece"), m("lora_ts", "test", "ece")
+    ece, lora_ece, ts_ece = m(candidate, "test", "ece"), m("lora", "test", "ece"), m("lora_ts", "test", "ece")
     out.append(("ECE ≤ 0.4 × LoRA's and ≤ LoRA + TS's", ece <= 0.4 * lora_ece and ece <= ts_ece,
                 f"{ece:.3f} vs 0.4 × {lora_ece:.3f} = {0.4 * lora_ece:.3f} and TS {ts_ece:.3f}; "
-                + _paired_text(summary, suite, CANDIDATE, "test", "ece")))
-    others = {k: m(k, "test", "nll") for k in per if k not in (CANDIDATE, "ours_mean") and per[k]}
-    nll = m(CANDIDATE, "test", "nll")
+                + _paired_text(summary, suite, candidate, "test", "ece")))
+    others = {k: m(k, "test", "nll") for k in per if k not in (*CANDIDATES, "ours_mean") and per[k]}
+    nll = m(candidate, "test", "nll")
     best_other = min(others, key=others.get)
     out.append(("NLL below every other method's", all(nll < v for v in others.values()),
                 f"{nll:.3f}; best other {best_other} {others[best_other]:.3f}; "
-                + _paired_text(summary, suite, CANDIDATE, "test", "nll")))
-    acc, lora_acc = m(CANDIDATE, "test", "accuracy"), m("lora", "test", "accuracy")
+                + _paired_text(summary, suite, candidate, "test", "nll")))
+    acc, lora_acc = m(candidate, "test", "accuracy"), m("lora", "test", "accuracy")
     out.append(("accuracy ≥ LoRA's − 1 point", acc >= lora_acc - 0.01 - 1e-9,
-                f"{100 * acc:.1f} vs {100 * lora_acc:.1f}; " + _paired_text(summary, suite, CANDIDATE, "test", "accuracy")))
-    if any("shift" in r for r in per[CANDIDATE].values()):
-        s_ece, s_nll = m(CANDIDATE, "shift", "ece"), m(CANDIDATE, "shift", "nll")
+                f"{100 * acc:.1f} vs {100 * lora_acc:.1f}; " + _paired_text(summary, suite, candidate, "test", "accuracy")))
+    if any("shift" in r for r in per[candidate].values()):
+        s_ece, s_nll = m(candidate, "shift", "ece"), m(candidate, "shift", "nll")
         l_ece, l_nll = m("lora", "shift", "ece"), m("lora", "shift", "nll")
         out.append(("under shift, ECE and NLL below LoRA's", s_ece < l_ece and s_nll < l_nll,
                     f"ECE {s_ece:.3f} vs {l_ece:.3f}, NLL {s_nll:.3f} vs {l_nll:.3f}; "
-                    + _paired_text(summary, suite, CANDIDATE, "shift", "nll")))
-    for key in sorted({k for r in per[CANDIDATE].values() for k in r if k.startswith("ood_")}):
-        ours = max(m(CANDIDATE, key, "mutual_information"), m(CANDIDATE, key, "entropy"))
+                    + _paired_text(summary, suite, candidate, "shift", "nll")))
+    for key in sorted({k for r in per[candidate].values() for k in r if k.startswith("ood_")}):
+        ours = max(m(candidate, key, "mutual_information"), m(candidate, key, "entropy"))
         base = m("lora", key, "max_probability")
+        note = (f" (LoRA's max probability is below chance here, higher on the OOD rows: turned around it would "
+                f"score {1 - base:.3f}, and {ours:.3f} {'meets' if ours >= 1 - base + 0.05 else 'misses'} that + 0.05)"
+                if base < 0.5 else "")
         out.append((f"OOD AUROC vs {key[4:]} (MI or entropy) ≥ LoRA max-prob + 5 points", ours >= base + 0.05,
-                    f"{ours:.3f} vs {base:.3f} + 0.05"))
-    ratios = [records[("ours", s)]["train_seconds"] / records[("lora", s)]["train_seconds"]
-              for s in per["lora"] if ("ours", s) in records and ("lora", s) in records
-              and records[("ours", s)].get("train_seconds", float("nan")) == records[("ours", s)].get("train_seconds")]
+                    f"{ours:.3f} vs {base:.3f} + 0.05{note}"))
+    trained = candidate if candidate == "ours_wide" else "ours"  # ours_improved rescales ours' adapter
+    ratios = [records[(trained, s)]["train_seconds"] / records[("lora", s)]["train_seconds"]
+              for s in per["lora"] if (trained, s) in records and ("lora", s) in records
+              and records[(trained, s)].get("train_seconds", float("nan")) == records[(trained, s)].get("train_seconds")]
     if ratios:
         out.append(("training time ≤ 1.1 × LoRA's", _mean(ratios) <= 1.1,
-                    f"ours / LoRA = {_mean(ratios):.2f} (per seed: {', '.join(f'{r:.2f}' for r in ratios)}; one shared CPU)"))
-    ratios = [records[("ours", s)]["eval_seconds"] / records[("lora", s)]["eval_seconds"]
-              for s in per["lora"] if ("ours", s) in records and ("lora", s) in records]
+                    f"{trained} / LoRA = {_mean(ratios):.2f} (per seed: {', '.join(f'{r:.2f}' for r in ratios)}; one shared CPU)"))
+    ratios = [records[(trained, s)]["eval_seconds"] / records[("lora", s)]["eval_seconds"]
+              for s in per["lora"] if (trained, s) in records and ("lora", s) in records
+              and "eval_seconds" in records[(trained, s)]]
     if ratios:
         out.append(("S = 10 prediction ≤ 10 × one forward pass", _mean(ratios) <= 10,
                     f"S = 10 posterior predictive / one mean-adapter pass over the same sets = {_mean(ratios):.2f}"))
@@ -109,7 +115,8 @@ def _plot(summary, suites, seeds, outputs_of, records_of, path):
         row[0].set_title(f"{suite}: NLL per epoch (mean adapter, seed mean)")
         row[0].set_xlabel("epoch")
         row[0].legend(fontsize=7)
-        for method, color in (("lora", "tab:blue"), ("lora_ts", "tab:green"), (CANDIDATE, "tab:red"), ("ensemble", "tab:purple")):
+        for method, color in (("lora", "tab:blue"), ("lora_ts", "tab:green"), ("ours_improved", "tab:red"),
+                              ("ours_wide", "tab:orange"), ("ensemble", "tab:purple")):
             pooled = [outputs_of(suite, method, s) for s in seeds]
             pooled = [o["test"] for o in pooled if o is not None]
             if not pooled:
@@ -129,15 +136,16 @@ def _plot(summary, suites, seeds, outputs_of, records_of, path):
         row[2].set_title(f"{suite}: selective prediction (test)")
         row[2].set_xlabel("coverage")
         row[2].legend(fontsize=7)
-        candidate = [outputs_of(suite, CANDIDATE, s) for s in seeds]
-        candidate = [o for o in candidate if o is not None]
-        oods = sorted(k for k in (candidate[0] if candidate else {}) if k.startswith("ood_"))
+        shown = CANDIDATES[0]
+        runs = [outputs_of(suite, shown, s) for s in seeds]
+        runs = [o for o in runs if o is not None]
+        oods = sorted(k for k in (runs[0] if runs else {}) if k.startswith("ood_"))
         if oods:
-            inside = np.concatenate([o["test"][1] for o in candidate])
+            inside = np.concatenate([o["test"][1] for o in runs])
             row[3].hist(inside, bins=30, alpha=0.5, density=True, label="test (in distribution)")
             for key in oods:
-                row[3].hist(np.concatenate([o[key][1] for o in candidate]), bins=30, alpha=0.5, density=True, label=key[4:])
-            row[3].set_title(f"{suite}: mutual information of {CANDIDATE}")
+                row[3].hist(np.concatenate([o[key][1] for o in runs]), bins=30, alpha=0.5, density=True, label=key[4:])
+            row[3].set_title(f"{suite}: mutual information of {shown}")
             row[3].legend(fontsize=7)
         else:
             row[3].axis("off")
@@ -173,10 +181,14 @@ def write_report(summary, suites, seeds, command, tables, outputs_of, load):
                 f"epoch {p['epoch']}: train NLL {np.mean([c[i]['train_nll'] for c in curves]):.3f} / test NLL "
                 f"{np.mean([c[i]['test_nll'] for c in curves]):.3f}" for i, p in enumerate(curves[0])) + ".")
         lines.append(tables[suite])
-        found = targets(summary, suite, records)
-        if found:
-            lines += ["", f"**Targets ({CANDIDATE}, mean over seeds)**", ""]
-            lines += [f"- {'met' if ok else 'MISSED'}: {name}: {text}" for name, ok, text in found]
+        for candidate in CANDIDATES:
+            found = targets(summary, suite, records, candidate)
+            if found:
+                lines += ["", f"**Targets ({candidate}, mean over seeds)**", ""]
+                if candidate == "ours_wide" and suite == "vader":
+                    lines += ["ours_wide (training epsilon 0.05) was picked by the lever study on this test split "
+                              "(calibration_levers.md), so these VADER figures are not independent evidence for it.", ""]
+                lines += [f"- {'met' if ok else 'MISSED'}: {name}: {text}" for name, ok, text in found]
         lines.append("")
     text = "\n".join(lines)
     with open(os.path.join(OUT, "calibration.md"), "w", encoding="utf-8") as handle:
