@@ -54,6 +54,11 @@ class MonteCLoRAConfig:
         cooperative_weight: weight of the cooperative loss, the mean over adapted layers of
             ``sum_k pi_k**2`` (minimal, 1/N, when all components share the weight equally). The
             paper adds it to the loss; removing it cost 3-4 accuracy points there.
+        column_prior: give every column of ``A~`` the prior ``N(0, s^2 I_r)`` with one scale ``s``
+            per layer set by empirical Bayes, so that the ELBO's KL rewards a wider posterior
+            (:mod:`pyro_monteclora.models.column_prior`). Off in the paper and by default: its
+            KL sums over every column of every adapted layer and outweighs a small training set
+            unless ``kl_weight`` is lowered (see ``docs/uncertainty.md``).
         collapse_components: draw the exact-in-distribution equivalent ``||pi||_2 * z`` (one
             Gaussian per column) instead of N components per column: d*r instead of N*d*r
             normal draws per layer. Off by default, as in the paper.
@@ -114,6 +119,9 @@ class MonteCLoRAConfig:
     cooperative_weight: float = field(
         default=1.0, metadata={"help": "Weight of the cooperative loss mean(sum_k pi_k^2)."}
     )
+    column_prior: bool = field(
+        default=False, metadata={"help": "Prior N(0, s^2 I) on A~'s columns, s by empirical Bayes (ELBO rewards width)."}
+    )
     collapse_components: bool = field(
         default=False, metadata={"help": "Draw ||pi||*z instead of N components (same law)."}
     )
@@ -159,6 +167,9 @@ class MonteCLoRAConfig:
             "gradient_accumulation_steps",
         )
         _positive_int_or_none(self, "save_steps", "save_total_limit")
+        for name in ("column_prior", "collapse_components", "group_layers"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.gradient_checkpointing not in (None, True, False):
             raise ValueError(f"gradient_checkpointing must be None, True or False, got {self.gradient_checkpointing!r}")
         if self.mixed_precision not in MIXED_PRECISIONS:
@@ -223,14 +234,15 @@ class MonteCLoRAConfig:
     def paper(cls, **overrides: Any) -> "MonteCLoRAConfig":
         """The MonteCLoRA paper's settings, whatever the package's defaults become: N = 4
         components, epsilon = 5e-3, the exact ELBO (KL weight 1), cooperative weight 1, a
-        uniform Dirichlet prior and a Wishart prior with ``df = r`` and identity scale.
+        uniform Dirichlet prior and a Wishart prior with ``df = r`` and identity scale, and no
+        prior on A's columns.
 
         Example:
             >>> MonteCLoRAConfig.paper(lora_r=8).sample_scaler
             0.005
         """
         paper = dict(num_components=4, sample_scaler=5e-3, kl_weight=1.0, cooperative_weight=1.0,
-                     dirichlet_concentration=1.0, wishart_df=None, collapse_components=False)
+                     dirichlet_concentration=1.0, wishart_df=None, collapse_components=False, column_prior=False)
         return cls(**{**paper, **overrides})
 
     @classmethod

@@ -25,6 +25,7 @@ MONTECLORA_FIELDS = (
     "dirichlet_concentration",
     "wishart_df",
     "cooperative_weight",
+    "column_prior",
     "collapse_components",
     "group_layers",
 )

@@ -70,9 +70,9 @@ def _args(tmp_path, **overrides):
     return TrainingArguments(str(tmp_path / "out"), **values)
 
 
-def _step_gradients(tmp_path, word_tokenizer, **args):
+def _step_gradients(tmp_path, word_tokenizer, mc_options=None, **args):
     torch.manual_seed(0)
-    mc = _monteclora()
+    mc = _monteclora(**(mc_options or {}))
     _pin_draw(mc)
     data, collator = examples_dataset(mc, _rows(), word_tokenizer, max_length=32)
     catcher = _GradientCatcher(mc)
@@ -82,15 +82,17 @@ def _step_gradients(tmp_path, word_tokenizer, **args):
     return catcher.grads
 
 
-def _reference_gradients(word_tokenizer):
+def _reference_gradients(word_tokenizer, **mc_options):
     """The plain objective on the whole batch, one process, no accumulation, no Trainer."""
     torch.manual_seed(0)
-    mc = _monteclora()
+    mc = _monteclora(**mc_options)
     _pin_draw(mc)
     data, collator = examples_dataset(mc, _rows(), word_tokenizer, max_length=32)
     batch = collator([data[i] for i in range(len(data))])
     mc.train()
-    ELBOLoss(mc.model, mc.guide)(batch, dataset_size=len(data)).loss.backward()
+    config = mc.monteclora_config
+    elbo = ELBOLoss(mc.model, mc.guide, config.kl_weight, config.cooperative_weight, column_prior=config.column_prior)
+    elbo(batch, dataset_size=len(data)).loss.backward()
     return {n: p.grad.detach().clone() for n, p in mc.named_parameters() if p.grad is not None}
 
 
@@ -195,6 +197,21 @@ def test_gradient_checkpointing_none_is_off_for_a_classifier(setting, want):
     result = pyro_monteclora.train(tiny_bert(vocab_size=16), toy_sentiment(8), tokenizer=toy_tokenizer(), num_epochs=1,
                                    batch_size=8, lora_r=4, progress=False, gradient_checkpointing=setting)
     assert result.model.is_activation_checkpointing is want
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_column_prior_gradient_through_the_held_draw_equals_the_plain_objectives(tmp_path, word_tokenizer,
+                                                                                  checkpointing):
+    """The column prior's KL depends on A as well as on the draw: the held-draw path must add its
+    gradient to A (the network's backward pass does not see it)."""
+    options = dict(column_prior=True, kl_weight=1e-3)  # its KL outweighs 8 examples at weight 1
+    want = _reference_gradients(word_tokenizer, **options)
+    got = _step_gradients(tmp_path, word_tokenizer, mc_options=options, per_device_train_batch_size=4,
+                          gradient_accumulation_steps=2, activation_checkpointing=checkpointing)
+    _assert_close(got, want, 1e-5, f"column prior, checkpointing {checkpointing}")
+    plain = _reference_gradients(word_tokenizer)
+    lora_a = [n for n in want if "lora_A" in n]
+    assert lora_a and any(not torch.allclose(want[n], plain[n], atol=1e-4) for n in lora_a)  # the prior reaches A
 
 
 def test_bf16_autocast_trains_with_float32_probability(word_tokenizer, monkeypatch):

@@ -1,5 +1,6 @@
 """The MonteCLoRA Pyro model: priors, noise map, likelihoods and the model itself."""
 
+from .column_prior import column_prior_kl, column_prior_scale
 from .likelihood import IGNORE_INDEX, OBSERVATION_SITE, causal_lm_likelihood, classification_likelihood
 from .model import MonteCLoRAModel
 from .noise import adapter_noise
@@ -9,6 +10,8 @@ __all__ = [
     "MonteCLoRAModel",
     "GroupPrior",
     "adapter_noise",
+    "column_prior_kl",
+    "column_prior_scale",
     "site_names",
     "classification_likelihood",
     "causal_lm_likelihood",

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..config import MonteCLoRAConfig
-from ..layers import LayerGroup, noise_context
+from ..layers import LayerGroup, StochasticLoraA, noise_context
 from .likelihood import causal_lm_likelihood, classification_likelihood, target_positions
 from .noise import adapter_noise
 from .precision import float32
@@ -127,6 +127,23 @@ class MonteCLoRAModel(nn.Module):
         else:
             self.likelihood(logits, labels, dataset_size, batch.get("index"))
         return logits
+
+    def lora_a(self) -> dict[str, torch.Tensor]:
+        """Each group's mean factors A, ``(layers, r, d)`` in group order (with their graph)."""
+        return {name: torch.stack([m.weight for m in modules]) for name, modules in self.lora_a_modules.items()}
+
+    @functools.cached_property
+    def lora_a_modules(self) -> dict[str, list[nn.Module]]:
+        """Each group's ``lora_A`` layers in group order (found once through their noise slots)."""
+        found: dict[str, list] = {g.name: [None] * g.num_layers for g in self.groups}
+        by_slot = {id(g.slot): g.name for g in self.groups}
+        for module in self.network.modules():
+            if isinstance(module, StochasticLoraA) and id(module.noise_slot) in by_slot:
+                found[by_slot[id(module.noise_slot)]][module.noise_index] = module
+        missing = [name for name, modules in found.items() if any(m is None for m in modules)]
+        if missing:
+            raise ValueError(f"the network lacks lora_A layers of group(s) {missing}: was the adapter merged or removed?")
+        return found
 
     @functools.cached_property
     def logits_on_targets(self) -> bool:

@@ -4,7 +4,8 @@
 returns :class:`LossTerms`, all *per training example* (divided by ``dataset_size``)::
 
     nll          = -E_q[log p(data | A~)]           (one draw; minibatch scaled to the dataset)
-    kl           = sum over latent sites of KL(q || p)   (analytic: Wishart, Dirichlet, N(0, 1))
+    kl           = sum over latent sites of KL(q || p)   (analytic: Wishart, Dirichlet, N(0, 1)),
+                   plus, with the column prior, the KL of A~'s columns at the draw's (Sigma, pi)
     cooperative  = mean over adapted layers of sum_k pi_k^2    (pi drawn from the guide)
     loss         = (nll + kl_weight * kl) + cooperative_weight * cooperative
 
@@ -36,6 +37,7 @@ import torch
 from torch import nn
 from torch.distributions import kl_divergence
 
+from ..models.column_prior import column_prior_kl
 from ..models.precision import float32
 
 __all__ = ["ELBOLoss", "LossTerms", "cooperative_loss"]
@@ -72,6 +74,9 @@ class ELBOLoss(nn.Module):
         kl_weight: multiplies the KL; 1 is the exact ELBO.
         cooperative_weight: multiplies the cooperative loss.
         weight_sites: names of the guide's mixture-weight sites (default: those ending ``.weights``).
+        column_prior: add the KL of the prior on A~'s columns
+            (:mod:`pyro_monteclora.models.column_prior`) to ``kl``; needs a
+            :class:`~pyro_monteclora.models.model.MonteCLoRAModel`.
     """
 
     def __init__(
@@ -81,6 +86,7 @@ class ELBOLoss(nn.Module):
         kl_weight: float = 1.0,
         cooperative_weight: float = 1.0,
         weight_sites: Optional[tuple[str, ...]] = None,
+        column_prior: bool = False,
     ) -> None:
         super().__init__()
         self.model = model
@@ -88,6 +94,7 @@ class ELBOLoss(nn.Module):
         self.kl_weight = kl_weight
         self.cooperative_weight = cooperative_weight
         self.weight_sites = weight_sites
+        self.column_prior = column_prior
 
     def forward(self, batch: Mapping[str, torch.Tensor], dataset_size: int, hold: Optional[Any] = None) -> LossTerms:
         """The terms for one minibatch and one draw.
@@ -146,9 +153,28 @@ class ELBOLoss(nn.Module):
                 self.weight_sites is not None and name in self.weight_sites
             ):
                 weights.append(site["value"])
+        if self.column_prior:
+            kl = kl + self._column_kl(guide_trace)
         kl = torch.as_tensor(kl, device=like.device, dtype=torch.float32) / dataset_size
         cooperative = cooperative_loss(weights) if weights else torch.zeros_like(kl)
         return kl, cooperative
+
+
+    def column_parameters(self) -> list[torch.nn.Parameter]:
+        """The tensors the column prior's KL reaches besides the guide's: the layers' A factors."""
+        if not self.column_prior:
+            return []
+        return [m.weight for modules in self.model.lora_a_modules.values() for m in modules]
+
+    def _column_kl(self, guide_trace: poutine.Trace) -> torch.Tensor:
+        """The column prior's KL summed over every layer, at the guide trace's (Sigma, pi)."""
+        means = self.model.lora_a()
+        total = 0.0
+        for name, prior in self.model.priors.items():
+            tril = guide_trace.nodes[prior.names["covariance"]]["value"]
+            weights = guide_trace.nodes[prior.names["weights"]]["value"]
+            total = total + column_prior_kl(means[name], tril, weights, self.model.sample_scaler).sum()
+        return total
 
 
 def _device_of(batch: Mapping[str, torch.Tensor]) -> torch.device:

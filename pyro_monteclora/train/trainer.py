@@ -132,7 +132,8 @@ class MonteCLoRATrainerMixin:
         self.monteclora: MonteCLoRA = model
         config = model.monteclora_config
         self.loss_is_scaled_for_ga = True
-        self.elbo = ELBOLoss(model.model, model.guide, config.kl_weight, config.cooperative_weight)
+        self.elbo = ELBOLoss(model.model, model.guide, config.kl_weight, config.cooperative_weight,
+                             column_prior=config.column_prior)
         self.held_draw = HeldDraw(model.groups)
         self.divergence = DivergenceMonitor()
         self._dataset_size = dataset_size
@@ -216,7 +217,8 @@ class MonteCLoRATrainerMixin:
         """Trainer's step (forward, backward), then the chain rule from the held draw to the guide."""
         try:
             loss = super().training_step(model, inputs, num_items_in_batch)
-            self.held_draw.backward_to_guide(list(self.monteclora.guide.parameters()), self._average)
+            reached = list(self.monteclora.guide.parameters()) + self.elbo.column_parameters()
+            self.held_draw.backward_to_guide(reached, self._average)
             if self.accelerator.sync_gradients:  # the step's last micro-batch: its gradients are complete
                 self.divergence.record_gradients(self.state.global_step + 1, self._trainable())
                 self.step_terms = _mean(self._micro_terms)
