@@ -17,7 +17,9 @@ Methods: ``lora``; ``lora_ts`` (temperature fitted on the validation split); ``m
 (the same adapter, noise scale chosen on the validation split: the lever that won, see the
 README); ``bayesianize`` (the trained LoRA's posterior fitted on the validation split, then
 its scale chosen there too); ``ours_wide`` (trained with epsilon = 0.05, 10x the paper's: the
-best lever of ``calibration_levers.py`` on VADER, added after that study). S = 10, 15-bin ECE. Every finished job is saved
+best lever of ``calibration_levers.py`` on VADER, added after that study); ``ours_column`` (the prior on
+A~'s columns with an empirical-Bayes scale, KL weight 0.1: the best column-prior weight of that
+study on VADER, added after it). S = 10, 15-bin ECE. Every finished job is saved
 (:mod:`calibration_jobs`); results go to ``benchmarks/results/calibration.{md,json,png}``.
 """
 
@@ -39,7 +41,8 @@ from calibration_methods import SUITES  # noqa: E402
 from pyro_monteclora.calibration import calibration_metrics  # noqa: E402
 from pyro_monteclora.uncertainty import detection_metrics, selective_prediction  # noqa: E402
 
-METHODS = ("lora", "lora_ts", "mc_dropout", "ensemble", "peft_mc", "ours", "ours_improved", "bayesianize", "ours_wide")
+METHODS = ("lora", "lora_ts", "mc_dropout", "ensemble", "peft_mc", "ours", "ours_improved", "bayesianize", "ours_wide",
+           "ours_column")
 OUT = os.path.join("benchmarks", "results")
 
 
@@ -76,11 +79,11 @@ def method_outputs(suite, method, seed):
         return {s: (np.asarray(out["probs"][s]), np.asarray(out["mutual_information"][s]), np.asarray(out["labels"][s]))
                 for s in out["probs"] if s != "val"}
 
-    if method in ("lora", "mc_dropout", "peft_mc", "ours", "ours_improved", "bayesianize", "ours_wide"):
+    if method in ("lora", "mc_dropout", "peft_mc", "ours", "ours_improved", "bayesianize", "ours_wide", "ours_column"):
         record = _load(suite, method, seed)
         return None if record is None else unpack(record)
-    if method == "ours_mean":
-        record = _load(suite, "ours", seed)
+    if method in ("ours_mean", "ours_column_mean"):
+        record = _load(suite, method[: -len("_mean")], seed)
         return None if record is None else unpack(record, "mean_adapter")
     if method == "lora_ts":
         record = _load(suite, "lora", seed)
@@ -136,7 +139,7 @@ def summarize(suites, seeds):
     summary = {}
     for suite in suites:
         per = {}
-        for method in METHODS + ("ours_mean",):
+        for method in METHODS + ("ours_mean", "ours_column_mean"):
             runs = {}
             for seed in seeds:
                 outputs = method_outputs(suite, method, seed)
