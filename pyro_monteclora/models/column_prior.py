@@ -21,7 +21,12 @@ form): ``s^2 = (d tr C + ||A||_F^2) / (d r)``, at which the KL becomes
 It shrinks as the posterior widens relative to the columns' own size (for ``C = c I``, ``d r / 2 *
 log(1 + ||A||_F^2 / (d r c))``), so the ELBO itself now rewards width, which only the likelihood
 limits. It is evaluated at the step's draw of ``(Sigma, pi)``: a one-draw estimate of its
-expectation under the guide, like the likelihood term.
+expectation under the guide, like the likelihood term. :class:`~pyro_monteclora.train.ELBOLoss`
+adds it in closed form; the Pyro model has no sample site for ``A~`` (its Gaussian law given
+``(Sigma, pi)`` is integrated analytically), so Pyro's own ELBO classes do not include it.
+
+Measured (``docs/uncertainty.md``): the ELBO satisfies this prior mostly by shrinking A (B grows
+to keep ``BA``) rather than by widening the guide, which regularizes the adapter towards zero.
 
 Example:
     >>> import torch
