@@ -32,9 +32,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from calibration_jobs import RESULTS, _save, job_path  # noqa: E402
+from calibration_jobs import RESULTS, _save, _score_deterministic, _score_posterior, job_path  # noqa: E402
 from calibration_methods import (  # noqa: E402
-    SUITES, Outputs, load_suite_data, log_probs, timed, tokenizer_of, train_ours, train_plain,
+    SUITES, Outputs, load_suite_data, timed, tokenizer_of, train_ours, train_plain,
 )
 from pyro_monteclora.calibration import calibration_metrics  # noqa: E402
 
@@ -84,29 +84,17 @@ def run(method: str, lr: float, seed: int) -> dict:
     record = {"method": method, "lr": lr, "seed": seed}
     torch.manual_seed(seed)
     try:
+        outputs = Outputs()
         if method == "lora":
             (model, tokenizer), record["train_seconds"] = timed(lambda: train_plain(suite, data["train"], seed))
-            outputs = Outputs()
-            model.eval()
-            lp, labels = log_probs(suite, model, data["test"], tokenizer, 1, data["train"])
-            outputs.add("test", lp, labels)
-            record["predictive"] = {"probs": outputs.probs["test"], "labels": outputs.labels["test"]}
+            _score_deterministic(suite, model, tokenizer, data, outputs, False)
         else:
-            from pyro_monteclora.layers import noise_context
-            from pyro_monteclora.predictive import Predictive, _eval_mode
-
             result, record["train_seconds"] = timed(lambda: train_ours(suite, data["train"], seed, []))
-            monteclora, tokenizer = result.model, tokenizer_of(suite)
-            mean, outputs = Outputs(), Outputs()
-            monteclora.network.eval()
-            lp, labels = log_probs(suite, monteclora.network, data["test"], tokenizer, 1, data["train"])
-            mean.add("test", lp, labels)
-            noise = Predictive(monteclora, suite.samples, seed=seed).draw_noise()
-            with _eval_mode(monteclora), noise_context(monteclora.groups, noise):
-                lp, labels = log_probs(suite, monteclora.network, data["test"], tokenizer, suite.samples, data["train"])
-            outputs.add("test", lp, labels)
+            mean = Outputs()
+            _score_deterministic(suite, result.model.network, tokenizer_of(suite), data, mean, False)
+            _score_posterior(suite, result.model, tokenizer_of(suite), data, outputs, False, seed)
             record["mean"] = {"probs": mean.probs["test"], "labels": mean.labels["test"]}
-            record["predictive"] = {"probs": outputs.probs["test"], "labels": outputs.labels["test"]}
+        record["predictive"] = {"probs": outputs.probs["test"], "labels": outputs.labels["test"]}
     except pyro_monteclora.TrainingDiverged as error:  # a diverged run is a result of the sweep, not a crash
         record["diverged"] = str(error)
     if "predictive" in record and not np.isfinite(np.asarray(record["predictive"]["probs"])).all():

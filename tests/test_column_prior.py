@@ -16,12 +16,8 @@ from pyro_monteclora.models.column_prior import column_prior_kl, column_prior_sc
 from pyro_monteclora.testing import nonzero_lora_b, tiny_bert
 from pyro_monteclora.train import ELBOLoss
 
+from test_model import _batch
 
-
-def _batch():
-    return {"input_ids": torch.tensor([[2, 4, 9, 3], [2, 8, 3, 0], [2, 5, 10, 3]]),
-            "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1]]),
-            "labels": torch.tensor([1, 0, 1]), "index": torch.arange(3)}
 
 
 def _latents(layers=2, r=3, d=5, n=4, seed=0):

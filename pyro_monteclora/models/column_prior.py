@@ -55,6 +55,11 @@ def _covariance_parts(
     return trace, log_det
 
 
+def _variance(a: torch.Tensor, trace: torch.Tensor) -> torch.Tensor:
+    r, d = a.shape[-2], a.shape[-1]
+    return (d * trace + (a**2).sum((-1, -2))) / (d * r)
+
+
 def column_prior_scale(
     a: torch.Tensor, covariance_tril: torch.Tensor, weights: torch.Tensor, scaler: float
 ) -> torch.Tensor:
@@ -62,9 +67,7 @@ def column_prior_scale(
 
     Args and shapes as in :func:`column_prior_kl`.
     """
-    r, d = a.shape[-2], a.shape[-1]
-    trace, _ = _covariance_parts(covariance_tril, weights, scaler)
-    return (d * trace + (a**2).sum((-1, -2))) / (d * r)
+    return _variance(a, _covariance_parts(covariance_tril, weights, scaler)[0])
 
 
 def column_prior_kl(
@@ -82,7 +85,5 @@ def column_prior_kl(
         ``(..., layers)`` KLs in nats (non-negative).
     """
     r, d = a.shape[-2], a.shape[-1]
-    a = a.to(covariance_tril.dtype)
-    _, log_det = _covariance_parts(covariance_tril, weights, scaler)
-    variance = column_prior_scale(a, covariance_tril, weights, scaler)
-    return 0.5 * d * (r * variance.log() - log_det)
+    trace, log_det = _covariance_parts(covariance_tril, weights, scaler)
+    return 0.5 * d * (r * _variance(a.to(covariance_tril.dtype), trace).log() - log_det)
