@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from calibration_methods import (
-    Outputs, Suite, base_model, load_suite_data, log_probs, timed, tokenizer_of, train_ours, train_plain,
+    DEVICE, Outputs, Suite, base_model, load_suite_data, log_probs, timed, tokenizer_of, train_ours, train_plain,
 )
 
 RESULTS = os.path.join("benchmarks", "results", "calibration")
@@ -132,6 +132,7 @@ def run_job(suite: Suite, job: str, seed: int) -> dict:
             return json.load(handle)
     data = load_suite_data(suite)
     outputs, record = Outputs(), {"suite": suite.name, "job": job, "seed": seed}
+    record["device"] = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "cpu"
     torch.manual_seed(seed)
     if job in MEMBER_SEEDS:
         model, tokenizer, curve, seconds = _lora_adapter(suite, data, seed, job)

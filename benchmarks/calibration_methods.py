@@ -21,7 +21,7 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -37,6 +37,8 @@ from pyro_monteclora.scoring import instruction_choices, network_candidate_score
 from pyro_monteclora.train.run import lr_lambda
 
 SHARED = os.path.join("..", "shared", "data")
+#: Where the models run: the GPU when one is visible (the device tool's machine), else the CPU.
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear")
 WARMUP_RATIO, MAX_GRAD_NORM = 0.03, 1.0
 
@@ -67,6 +69,9 @@ SUITES = {
     "arc": Suite("arc", "smollm2", "ARC-Easy", 256, 100, 200, 5, 5e-4, 8, 256),
     "boolq": Suite("boolq", "smollm2", "boolq", 256, 100, 200, 5, 5e-4, 8, 256),
 }
+#: The obqa protocol run on a GPU (the device tool's machine): the same data, budget and scoring,
+#: its own seeds and times, never mixed with the CPU runs' (another device, other round-off).
+SUITES["obqa_gpu"] = replace(SUITES["obqa"], name="obqa_gpu")
 
 
 # --- data ---------------------------------------------------------------------------------------------
@@ -125,14 +130,14 @@ def base_model(suite: Suite, seed: int) -> tuple[Any, Any]:
         with torch.random.fork_rng(), quiet():
             torch.manual_seed(seed)
             model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
-        return model, AutoTokenizer.from_pretrained(minilm_path())
+        return model.to(DEVICE), AutoTokenizer.from_pretrained(minilm_path())
     if "smollm2" not in _PRISTINE:
         from pyro_monteclora.examples import load_smollm2
 
         with quiet():
             _PRISTINE["smollm2"] = load_smollm2()
     model, tokenizer = _PRISTINE["smollm2"]
-    return copy.deepcopy(model), tokenizer
+    return copy.deepcopy(model).to(DEVICE), tokenizer
 
 
 def tokenizer_of(suite: Suite) -> Any:
@@ -191,6 +196,7 @@ def train_plain(suite: Suite, rows: list[dict], seed: int, variant: bool = False
             model.train()
             losses = []
             for batch in loader:
+                batch = {k: v.to(DEVICE) for k, v in batch.items()}
                 loss = nll_loss(suite, model, batch)
                 losses.append(float(loss.detach()))
                 if variant:
@@ -250,16 +256,16 @@ def log_probs(suite: Suite, network: Any, rows: list[dict], tokenizer: Any, repe
             parts = []
             for start in range(0, len(data), batch_size):
                 batch = Collator(tokenizer.pad_token_id)(list(enumerate(data[start : start + batch_size])))
-                inputs = {k: v.repeat(repeats, 1) for k, v in batch.items() if k not in ("labels", "index")}
+                inputs = {k: v.repeat(repeats, 1).to(DEVICE) for k, v in batch.items() if k not in ("labels", "index")}
                 logits = network(**inputs).logits.float()
                 parts.append(torch.log_softmax(logits, -1).reshape(repeats, -1, logits.shape[-1]))
-            return torch.cat(parts, 1).double().numpy(), np.asarray([r["label"] for r in rows])
+            return torch.cat(parts, 1).double().cpu().numpy(), np.asarray([r["label"] for r in rows])
         choices, labels = candidates_of(suite, rows, reference)
         k = len(choices[0])
         prompts = [format_instruction(r) for r in rows]
         scored = encode_prompt_completion(tokenizer, [p for p in prompts for _ in range(k)], [c for cs in choices for c in cs])
         scores = network_candidate_scores(network, scored, k, tokenizer.pad_token_id, batch_size=16, repeats=repeats)
-        return torch.log_softmax(scores.double(), -1).numpy(), np.asarray(labels)
+        return torch.log_softmax(scores.double(), -1).cpu().numpy(), np.asarray(labels)
 
 
 @dataclass
