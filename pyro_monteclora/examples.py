@@ -79,18 +79,23 @@ def load_gguf(folder: str, gguf_file: str, dtype: Any = None, verbose: Optional[
     The weights come out dequantized (to float32, or ``dtype``); the GGUF marks are dropped, so
     that Trainer, peft and ``save_pretrained`` treat the model as the plain float model it now is
     (a merged save then loads without gguf). The pad token is set to eos if the file defines none.
+    Hub kernels are off: transformers 5.2x turns them on by default and, on a GPU, fetches them
+    from the Hub at the first ``model.train()``, which fails on an offline machine (seen on an
+    H200 with ``kernels`` installed: ``benchmarks/device_check.py``'s notes).
 
     Example:
         >>> model, tokenizer = load_gguf(smollm2_path(), SMOLLM2_FILE)   # doctest: +SKIP
     """
     if importlib.util.find_spec("gguf") is None:
         raise ImportError("loading a GGUF model needs the gguf package: pip install gguf (or: pip install 'pyro-monteclora[llm]')")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
     from .quiet import is_verbose, quiet
 
     verbose = is_verbose(verbose)
     kwargs = {"dtype": dtype} if dtype is not None else {}
+    if hasattr(PreTrainedModel, "set_use_kernels"):  # transformers with hub kernels (on by default)
+        kwargs["use_kernels"] = False
     with quiet(verbose), _quiet_gguf_bar(verbose):
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
         model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file, **kwargs)

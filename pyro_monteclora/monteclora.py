@@ -186,9 +186,10 @@ class MonteCLoRA(nn.Module):
         """Parameters MonteCLoRA adds to plain LoRA: ``r + N`` per adapted layer."""
         return sum(p.numel() for p in self.guide.parameters())
 
-    @staticmethod
-    def _inputs(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v for k, v in batch.items() if k not in NON_INPUT_KEYS}
+    def _inputs(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The network's inputs of ``batch``, on the network's device (a CPU batch runs on a GPU model)."""
+        device = device_of(self.network)
+        return {k: v.to(device) for k, v in batch.items() if k not in NON_INPUT_KEYS}
 
     def mean_logits(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Logits of the mean adapter (``A~ = E[A~] = A``): exactly the peft LoRA model."""

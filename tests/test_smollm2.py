@@ -43,6 +43,8 @@ def test_the_packaged_gguf_loads_as_a_llama_with_a_chat_template(smollm2):
     assert abs(sum(p.numel() for p in model.parameters()) - 134.5e6) < 0.1e6
     assert model.config.vocab_size == 49152 and model.config.num_hidden_layers == 30
     assert tokenizer.chat_template and tokenizer.pad_token is not None
+    # hub kernels off: on an offline GPU, transformers would fetch them at the first model.train()
+    assert getattr(model, "use_kernels", False) is False
 
 
 def _greedy(model, tokenizer, prompt: str) -> list[int]:
