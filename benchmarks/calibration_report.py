@@ -102,8 +102,8 @@ def targets(summary, suite, records, candidate: str = "ours_improved"):
     skipped = [s for s in per["lora"] if (trained, s) in records and s not in timed]
     if skipped:
         out.append(("(timing)", True, f"seeds {skipped} left out of the time ratios: "
-                    + "; ".join(records[(j, s)]["timing_note"] for s in skipped for j in (trained, "lora")
-                                if "timing_note" in records[(j, s)])))
+                    + "; ".join(dict.fromkeys(records[(j, s)]["timing_note"] for s in skipped for j in (trained, "lora")
+                                              if "timing_note" in records[(j, s)]))))  # each note once
     return out
 
 
