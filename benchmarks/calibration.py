@@ -9,7 +9,8 @@ Suites (:mod:`calibration_methods`): ``vader`` (MiniLM on VADER words), ``obqa``
 fine-tuned on OpenBookQA in instruction format, scored by multiple choice; shift: ARC-Easy; OOD:
 BoolQ questions and the math sets, scored over OpenBookQA's answers), ``arc`` and ``boolq``
 (SmolLM2 on ARC-Easy / BoolQ), ``obqa_gpu`` (``obqa`` on a GPU with its own seeds: see
-benchmarks/README.md). Small training subsets and several epochs, so that plain LoRA overfits: its test NLL rises while its training NLL falls (``curve`` in the results).
+benchmarks/README.md). Small training subsets and several epochs, so that plain LoRA overfits:
+its test NLL rises while its training NLL falls (``curve`` in the results).
 
 Methods: ``lora``; ``lora_ts`` (temperature fitted on the validation split); ``mc_dropout``
 (LoRA dropout kept at test, S draws); ``ensemble`` (3 LoRAs: 3x the training cost);
