@@ -107,6 +107,19 @@ def targets(summary, suite, records, candidate: str = "ours_improved"):
     return out
 
 
+def scale_lines(records, job: str) -> list[str]:
+    """The validation-chosen scale of ``job`` per seed: the factor on the trained epsilon and the validation NLL
+    there against the unscaled posterior's (factor 1): a boundary choice or a large gain on 100 rows is a warning."""
+    found = sorted((s, r["scale"]) for (j, s), r in records.items() if j == job and "scale" in r)
+    if not found:
+        return []
+    def val_nll(scale, factor):
+        return scale["nll"][scale["factors"].index(factor)] if factor in scale["factors"] else float("nan")
+    return [f"- {job}: validation-chosen scale per seed: " + "; ".join(
+        f"seed {s}: x{c['factor']:.3g} of the trained epsilon (largest tried x{max(c['factors']):.3g}), validation NLL "
+        f"{val_nll(c, c['factor']):.3f} vs {val_nll(c, 1.0):.3f} unscaled" for s, c in found)]
+
+
 def robustness_lines(path: str = os.path.join(OUT, "calibration_lr.json")) -> list[str]:
     """The learning-rate target, read from ``calibration_lr.py``'s table (``[]`` before that script has run)."""
     if not os.path.exists(path):
@@ -222,6 +235,8 @@ def write_report(summary, suites, seeds, command, tables, outputs_of, load):
                               "(calibration_levers.md), so these VADER figures are not independent evidence for it.", ""]
                 lines += [f"- note: {text}" if name == "(timing)" else f"- {'met' if ok else 'MISSED'}: {name}: {text}"
                           for name, ok, text in found]
+                if candidate == "ours_improved":
+                    lines += scale_lines(records, "ours_improved") + scale_lines(records, "bayesianize")
         if suite == "obqa":
             lines += robustness_lines()
         lines.append("")
