@@ -81,7 +81,7 @@ def load_gguf(folder: str, gguf_file: str, dtype: Any = None, verbose: Optional[
     (a merged save then loads without gguf). The pad token is set to eos if the file defines none.
     Hub kernels are off: transformers 5.2x turns them on by default and, on a GPU, fetches them
     from the Hub at the first ``model.train()``, which fails on an offline machine (seen on an
-    H200 with ``kernels`` installed: ``benchmarks/device_check.py``'s notes).
+    H200 with ``kernels`` installed: benchmarks/README.md, "On a GPU").
 
     Example:
         >>> model, tokenizer = load_gguf(smollm2_path(), SMOLLM2_FILE)   # doctest: +SKIP
