@@ -6,8 +6,9 @@ Run from the repository root on a machine with a GPU::
 
 It checks, on CUDA: :func:`pyro_monteclora.train` (transformers' Trainer) trains and leaves the
 model there; the mean adapter's logits equal those of the same weights on the CPU; the
-posterior predictive (S = 4) is finite with non-zero mutual information; :func:`pyro_monteclora.bayesianize` fits a LoRA on CUDA with A and B
-frozen; multiple-choice scores on CUDA equal the CPU's. Tolerances are float32 round-off over
+posterior predictive (S = 4) is finite with non-zero mutual information;
+:func:`pyro_monteclora.bayesianize` fits a LoRA on CUDA with A and B frozen; multiple-choice
+scores on CUDA equal the CPU's. Tolerances are float32 round-off over
 the tiny models' few operations (1e-4), not statistical.
 """
 
