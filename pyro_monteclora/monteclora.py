@@ -187,9 +187,10 @@ class MonteCLoRA(nn.Module):
         return sum(p.numel() for p in self.guide.parameters())
 
     def _inputs(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The network's inputs of ``batch``, on the network's device (a CPU batch runs on a GPU model)."""
+        """The network's inputs of ``batch``, tensors on the network's device (a CPU batch runs on a GPU
+        model); other arguments (``use_cache=True``, ...) pass through."""
         device = device_of(self.network)
-        return {k: v.to(device) for k, v in batch.items() if k not in NON_INPUT_KEYS}
+        return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items() if k not in NON_INPUT_KEYS}
 
     def mean_logits(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Logits of the mean adapter (``A~ = E[A~] = A``): exactly the peft LoRA model."""

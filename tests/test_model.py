@@ -183,6 +183,8 @@ def test_mean_adapter_equals_stock_peft_lora(factory):
     with torch.no_grad():
         assert torch.allclose(mc.mean_logits(batch), stock(**inputs).logits, atol=1e-6)
         assert not torch.allclose(mc.sample_logits(batch), stock(**inputs).logits, atol=1e-6)
+        # forward takes the network's other arguments as they are (only tensors move to its device)
+        assert torch.allclose(mc(**inputs, return_dict=True).logits, stock(**inputs).logits, atol=1e-6)
 
 
 def test_guide_starts_at_the_prior_and_has_r_plus_n_parameters_per_layer():
