@@ -33,6 +33,7 @@ from pyro_monteclora.data import Collator, IndexedExamples, encode_prompt_comple
 from pyro_monteclora.data import tokenize_causal_lm, tokenize_classification
 from pyro_monteclora.examples import load_vader, minilm_path
 from pyro_monteclora.models.likelihood import IGNORE_INDEX, target_positions
+from pyro_monteclora.monteclora import device_of
 from pyro_monteclora.scoring import instruction_choices, network_candidate_scores
 from pyro_monteclora.train.run import lr_lambda
 
@@ -196,7 +197,7 @@ def train_plain(suite: Suite, rows: list[dict], seed: int, variant: bool = False
             model.train()
             losses = []
             for batch in loader:
-                batch = {k: v.to(DEVICE) for k, v in batch.items()}
+                batch = {k: v.to(device_of(model)) for k, v in batch.items()}
                 loss = nll_loss(suite, model, batch)
                 losses.append(float(loss.detach()))
                 if variant:
@@ -256,7 +257,8 @@ def log_probs(suite: Suite, network: Any, rows: list[dict], tokenizer: Any, repe
             parts = []
             for start in range(0, len(data), batch_size):
                 batch = Collator(tokenizer.pad_token_id)(list(enumerate(data[start : start + batch_size])))
-                inputs = {k: v.repeat(repeats, 1).to(DEVICE) for k, v in batch.items() if k not in ("labels", "index")}
+                inputs = {k: v.repeat(repeats, 1).to(device_of(network)) for k, v in batch.items()
+                          if k not in ("labels", "index")}
                 logits = network(**inputs).logits.float()
                 parts.append(torch.log_softmax(logits, -1).reshape(repeats, -1, logits.shape[-1]))
             return torch.cat(parts, 1).double().cpu().numpy(), np.asarray([r["label"] for r in rows])
