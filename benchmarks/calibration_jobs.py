@@ -81,7 +81,11 @@ def _score_posterior(suite, monteclora, tokenizer, data, outputs, with_val, seed
 
 
 def _lora_adapter(suite: Suite, data: dict, seed: int, job: str = "lora") -> tuple[Any, Any, list, float]:
-    """The LoRA of ``job`` (member seed offset), from its saved folder or trained (and saved) now."""
+    """The LoRA of ``job`` (member seed offset), from its saved folder or trained (and saved) now.
+
+    The training seconds include the curve's scoring (``job == "lora"`` only); each curve point
+    carries its own ``seconds`` so the report can take them out.
+    """
     from peft import PeftModel
 
     folder = os.path.join(ADAPTERS, suite.name, f"{job}-s{seed}")
@@ -93,7 +97,8 @@ def _lora_adapter(suite: Suite, data: dict, seed: int, job: str = "lora") -> tup
 
     def on_epoch(model, epoch, train_nll):
         if track:
-            curve.append(_curve_point(suite, model, tokenizer_of(suite), data, epoch, train_nll))
+            point, seconds = timed(lambda: _curve_point(suite, model, tokenizer_of(suite), data, epoch, train_nll))
+            curve.append({**point, "seconds": seconds})
 
     (model, tokenizer), seconds = timed(lambda: train_plain(suite, data["train"], seed + MEMBER_SEEDS[job], on_epoch=on_epoch))
     model.save_pretrained(folder)
@@ -113,7 +118,8 @@ def _ours_adapter(suite: Suite, data: dict, seed: int) -> tuple[Any, Any, list, 
 
     class Curve(TrainerCallback):
         def on_epoch_end(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
-            curve.append(_curve_point(suite, model.network, tokenizer, data, len(curve) + 1, float("nan")))
+            point, seconds = timed(lambda: _curve_point(suite, model.network, tokenizer, data, len(curve) + 1, float("nan")))
+            curve.append({**point, "seconds": seconds})
 
     result, seconds = timed(lambda: train_ours(suite, data["train"], seed, [Curve()]))
     steps_per_epoch = len(result.history) // suite.epochs
@@ -139,7 +145,7 @@ def run_job(suite: Suite, job: str, seed: int) -> dict:
         _, record["eval_seconds"] = timed(lambda: _score_deterministic(suite, model, tokenizer, data, outputs, job == "lora", keep=True))
         record.update(curve=curve, train_seconds=seconds)
     elif job == "mc_dropout":
-        model, tokenizer, _, _ = _lora_adapter(suite, data, seed)
+        model, tokenizer, _, record["lora_train_seconds"] = _lora_adapter(suite, data, seed)  # NaN: loaded
         model.eval()
         for name, module in model.named_modules():
             if "lora_dropout" in name and isinstance(module, torch.nn.Dropout):
@@ -153,7 +159,7 @@ def run_job(suite: Suite, job: str, seed: int) -> dict:
         from pyro_monteclora import bayesianize
         from pyro_monteclora.posterior_scale import tune_posterior_scale
 
-        model, tokenizer, _, _ = _lora_adapter(suite, data, seed)
+        model, tokenizer, _, record["lora_train_seconds"] = _lora_adapter(suite, data, seed)  # NaN: loaded
         fit, seconds = timed(lambda: bayesianize(model, data["val"], tokenizer=tokenizer, progress=False, seed=seed,
                                                  batch_size=suite.batch_size, max_length=suite.max_length,
                                                  gradient_checkpointing=False, **BAYESIANIZE))
