@@ -122,6 +122,8 @@ def metrics_of(outputs):
             continue
         m = calibration_metrics(torch.tensor(p), torch.tensor(y))
         m["aurc"] = selective_prediction(torch.tensor(p), torch.tensor(y))["aurc"]
+        m["confidence"] = float(np.asarray(p).max(-1).mean())  # how far from uniform (1 / classes) it predicts
+        m["classes"] = int(np.asarray(p).shape[-1])
         result[s] = m
     p_in, mi_in, _ = outputs["test"]
     for s, (p, mi, _) in outputs.items():
@@ -172,12 +174,14 @@ def table(summary, suite):
     for key in sets:
         lines += [f"\n**{suite}, {'in distribution (test)' if key == 'test' else 'under shift'}**: mean ± std over seeds; "
                   "Δ vs LoRA: paired mean ± SE\n",
-                  "| method | seeds | accuracy | NLL | ECE | Brier | AURC | Δ acc | Δ NLL | Δ ECE |", "|" + "---|" * 10]
+                  "| method | seeds | accuracy | NLL | ECE | Brier | AURC | confidence | Δ acc | Δ NLL | Δ ECE |",
+                  "|" + "---|" * 11]
+        classes = {r[key].get("classes") for runs in per.values() for r in runs.values() if key in r} - {None}
         for method, runs in per.items():
             if not runs or key not in next(iter(runs.values())):
                 continue
             cells = []
-            for metric in ("accuracy", "nll", "ece", "brier", "aurc"):
+            for metric in ("accuracy", "nll", "ece", "brier", "aurc", "confidence"):
                 mean, std = _stat([r[key][metric] for r in runs.values()])
                 cells.append(f"{mean:.3f} ± {std:.3f}")
             deltas = []
@@ -185,6 +189,9 @@ def table(summary, suite):
                 mean, se, n = _paired(per, method, key, metric)
                 deltas.append("—" if method == "lora" or not n else f"{mean:+.3f} ± {se:.3f}")
             lines.append(f"| {method} | {len(runs)} | " + " | ".join(cells + deltas) + " |")
+        for c in sorted(classes):  # the reference any calibration gain on a task near chance should be read against
+            lines.append(f"\nConfidence is the mean top probability. Uniform over the {c} answers: NLL ln {c} = "
+                         f"{np.log(c):.3f}, confidence {1 / c:.3f}.")
     oods = sorted({s for runs in per.values() for r in runs.values() for s in r if s.startswith("ood_")})
     for key in oods:
         lines += [f"\n**{suite}, OOD detection: test vs {key[4:]}** (AUROC, mean ± std)\n",
