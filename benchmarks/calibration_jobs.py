@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+import time
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -80,11 +81,14 @@ def _score_posterior(suite, monteclora, tokenizer, data, outputs, with_val, seed
             outputs.add(name, lp, labels)
 
 
-def _lora_adapter(suite: Suite, data: dict, seed: int, job: str = "lora") -> tuple[Any, Any, list, float]:
+def _lora_adapter(suite: Suite, data: dict, seed: int, job: str = "lora",
+                  timing: Optional[dict] = None) -> tuple[Any, Any, list, float]:
     """The LoRA of ``job`` (member seed offset), from its saved folder or trained (and saved) now.
 
     The training seconds include the curve's scoring (``job == "lora"`` only); each curve point
-    carries its own ``seconds`` so the report can take them out.
+    carries its own ``seconds`` so the report can take them out. ``timing`` (a job's record) gets
+    ``epoch_seconds``: each epoch's training seconds, its curve scoring left out (the first
+    includes the setup: model copy, adapter injection, tokenization).
     """
     from peft import PeftModel
 
@@ -94,18 +98,37 @@ def _lora_adapter(suite: Suite, data: dict, seed: int, job: str = "lora") -> tup
         return PeftModel.from_pretrained(model, folder).eval(), tokenizer, [], float("nan")
     curve: list = []
     track = job == "lora"
+    ends = [time.perf_counter()]  # the end of each epoch's training (after the previous curve point)
 
     def on_epoch(model, epoch, train_nll):
+        if timing is not None:
+            timing.setdefault("epoch_seconds", []).append(time.perf_counter() - ends[-1])
         if track:
             point, seconds = timed(lambda: _curve_point(suite, model, tokenizer_of(suite), data, epoch, train_nll))
             curve.append({**point, "seconds": seconds})
+        ends.append(time.perf_counter())
 
     (model, tokenizer), seconds = timed(lambda: train_plain(suite, data["train"], seed + MEMBER_SEEDS[job], on_epoch=on_epoch))
     model.save_pretrained(folder)
     return model, tokenizer, curve, seconds
 
 
-def _ours_adapter(suite: Suite, data: dict, seed: int) -> tuple[Any, Any, list, float]:
+def _epoch_timer(record: dict) -> Any:
+    """A Trainer callback that appends each epoch's training seconds to ``record["epoch_seconds"]``
+    (put it first: callbacks after it, such as the curve's scoring, are left out)."""
+    from transformers import TrainerCallback
+
+    class EpochTimer(TrainerCallback):
+        def on_epoch_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+            self.start = time.perf_counter()
+
+        def on_epoch_end(self, args, state, control, **kwargs):  # noqa: ANN001
+            record.setdefault("epoch_seconds", []).append(time.perf_counter() - self.start)
+
+    return EpochTimer()
+
+
+def _ours_adapter(suite: Suite, data: dict, seed: int, timing: Optional[dict] = None) -> tuple[Any, Any, list, float]:
     import pyro_monteclora
     from transformers import TrainerCallback
 
@@ -121,7 +144,8 @@ def _ours_adapter(suite: Suite, data: dict, seed: int) -> tuple[Any, Any, list, 
             point, seconds = timed(lambda: _curve_point(suite, model.network, tokenizer, data, len(curve) + 1, float("nan")))
             curve.append({**point, "seconds": seconds})
 
-    result, seconds = timed(lambda: train_ours(suite, data["train"], seed, [Curve()]))
+    timers = [_epoch_timer(timing)] if timing is not None else []
+    result, seconds = timed(lambda: train_ours(suite, data["train"], seed, timers + [Curve()]))
     steps_per_epoch = len(result.history) // suite.epochs
     for point in curve:  # training NLL per example, averaged over the epoch's steps
         chunk = result.history[(point["epoch"] - 1) * steps_per_epoch : point["epoch"] * steps_per_epoch]
@@ -141,11 +165,11 @@ def run_job(suite: Suite, job: str, seed: int) -> dict:
     record["device"] = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "cpu"
     torch.manual_seed(seed)
     if job in MEMBER_SEEDS:
-        model, tokenizer, curve, seconds = _lora_adapter(suite, data, seed, job)
+        model, tokenizer, curve, seconds = _lora_adapter(suite, data, seed, job, timing=record)
         _, record["eval_seconds"] = timed(lambda: _score_deterministic(suite, model, tokenizer, data, outputs, job == "lora", keep=True))
         record.update(curve=curve, train_seconds=seconds)
     elif job == "mc_dropout":
-        model, tokenizer, _, record["lora_train_seconds"] = _lora_adapter(suite, data, seed)  # NaN: loaded
+        model, tokenizer, _, record["lora_train_seconds"] = _lora_adapter(suite, data, seed, timing=record)  # NaN: loaded
         model.eval()
         for name, module in model.named_modules():
             if "lora_dropout" in name and isinstance(module, torch.nn.Dropout):
@@ -159,7 +183,7 @@ def run_job(suite: Suite, job: str, seed: int) -> dict:
         from pyro_monteclora import bayesianize
         from pyro_monteclora.posterior_scale import tune_posterior_scale
 
-        model, tokenizer, _, record["lora_train_seconds"] = _lora_adapter(suite, data, seed)  # NaN: loaded
+        model, tokenizer, _, record["lora_train_seconds"] = _lora_adapter(suite, data, seed, timing=record)  # NaN: loaded
         fit, seconds = timed(lambda: bayesianize(model, data["val"], tokenizer=tokenizer, progress=False, seed=seed,
                                                  batch_size=suite.batch_size, max_length=suite.max_length,
                                                  gradient_checkpointing=False, **BAYESIANIZE))
@@ -171,18 +195,18 @@ def run_job(suite: Suite, job: str, seed: int) -> dict:
         record["train_seconds"] = seconds
         _score_deterministic(suite, model, tokenizer, data, outputs, False)
     elif job == "ours":
-        monteclora, tokenizer, curve, seconds = _ours_adapter(suite, data, seed)
+        monteclora, tokenizer, curve, seconds = _ours_adapter(suite, data, seed, timing=record)
         record.update(curve=curve, train_seconds=seconds)
         mean = Outputs()
         _score_deterministic(suite, monteclora.network, tokenizer, data, mean, True, keep=True)
         record["mean_adapter"] = vars(mean)
         _, record["eval_seconds"] = timed(lambda: _score_posterior(suite, monteclora, tokenizer, data, outputs, True, seed))
     elif job == "ours_wide":
-        result, record["train_seconds"] = timed(lambda: train_ours(suite, data["train"], seed, [], **WIDE))
+        result, record["train_seconds"] = timed(lambda: train_ours(suite, data["train"], seed, [_epoch_timer(record)], **WIDE))
         _, record["eval_seconds"] = timed(
             lambda: _score_posterior(suite, result.model, tokenizer_of(suite), data, outputs, False, seed))
     elif job == "ours_column":
-        result, record["train_seconds"] = timed(lambda: train_ours(suite, data["train"], seed, [], **COLUMN))
+        result, record["train_seconds"] = timed(lambda: train_ours(suite, data["train"], seed, [_epoch_timer(record)], **COLUMN))
         record["kl_per_example"] = result.history[-1]["kl"]
         mean = Outputs()  # is the gain the posterior's, or the prior's pull on the mean adapter?
         _score_deterministic(suite, result.model.network, tokenizer_of(suite), data, mean, True, keep=True)
