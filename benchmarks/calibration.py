@@ -122,8 +122,8 @@ def metrics_of(outputs):
             continue
         m = calibration_metrics(torch.tensor(p), torch.tensor(y))
         m["aurc"] = selective_prediction(torch.tensor(p), torch.tensor(y))["aurc"]
-        m["confidence"] = float(np.asarray(p).max(-1).mean())  # how far from uniform (1 / classes) it predicts
-        m["classes"] = int(np.asarray(p).shape[-1])
+        m["confidence"] = float(p.max(-1).mean())  # how far from uniform (1 / classes) it predicts
+        m["classes"] = int(p.shape[-1])
         result[s] = m
     p_in, mi_in, _ = outputs["test"]
     for s, (p, mi, _) in outputs.items():

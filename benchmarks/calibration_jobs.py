@@ -54,13 +54,15 @@ def _sets(data: dict, with_val: bool) -> list[str]:
 
 
 def _curve_point(suite: Suite, network: Any, tokenizer: Any, data: dict, epoch: int, train_nll: float) -> dict:
+    """Test NLL and accuracy of the mean adapter after ``epoch``, with the ``seconds`` the scoring took
+    (the report takes them out of the training time)."""
     was = network.training
     network.eval()
-    lp, labels = log_probs(suite, network, data["test"], tokenizer, 1, data["train"])
+    (lp, labels), seconds = timed(lambda: log_probs(suite, network, data["test"], tokenizer, 1, data["train"]))
     network.train(was)
     picked = lp[0][np.arange(len(labels)), labels]
     return {"epoch": epoch, "train_nll": train_nll, "test_nll": float(-picked.mean()),
-            "test_accuracy": float((lp[0].argmax(-1) == labels).mean())}
+            "test_accuracy": float((lp[0].argmax(-1) == labels).mean()), "seconds": seconds}
 
 
 def _score_deterministic(suite, network, tokenizer, data, outputs, with_val, keep=False) -> None:
@@ -85,10 +87,9 @@ def _lora_adapter(suite: Suite, data: dict, seed: int, job: str = "lora",
                   timing: Optional[dict] = None) -> tuple[Any, Any, list, float]:
     """The LoRA of ``job`` (member seed offset), from its saved folder or trained (and saved) now.
 
-    The training seconds include the curve's scoring (``job == "lora"`` only); each curve point
-    carries its own ``seconds`` so the report can take them out. ``timing`` (a job's record) gets
-    ``epoch_seconds``: each epoch's training seconds, its curve scoring left out (the first
-    includes the setup: model copy, adapter injection, tokenization).
+    The training seconds include the curve's scoring (``job == "lora"`` only). ``timing`` (a job's
+    record) gets ``epoch_seconds``: each epoch's training seconds, its curve scoring left out (the
+    first includes the setup: model copy, adapter injection, tokenization).
     """
     from peft import PeftModel
 
@@ -104,8 +105,7 @@ def _lora_adapter(suite: Suite, data: dict, seed: int, job: str = "lora",
         if timing is not None:
             timing.setdefault("epoch_seconds", []).append(time.perf_counter() - ends[-1])
         if track:
-            point, seconds = timed(lambda: _curve_point(suite, model, tokenizer_of(suite), data, epoch, train_nll))
-            curve.append({**point, "seconds": seconds})
+            curve.append(_curve_point(suite, model, tokenizer_of(suite), data, epoch, train_nll))
         ends.append(time.perf_counter())
 
     (model, tokenizer), seconds = timed(lambda: train_plain(suite, data["train"], seed + MEMBER_SEEDS[job], on_epoch=on_epoch))
@@ -141,8 +141,7 @@ def _ours_adapter(suite: Suite, data: dict, seed: int, timing: Optional[dict] = 
 
     class Curve(TrainerCallback):
         def on_epoch_end(self, args, state, control, model=None, **kwargs):  # noqa: ANN001
-            point, seconds = timed(lambda: _curve_point(suite, model.network, tokenizer, data, len(curve) + 1, float("nan")))
-            curve.append({**point, "seconds": seconds})
+            curve.append(_curve_point(suite, model.network, tokenizer, data, len(curve) + 1, float("nan")))
 
     timers = [_epoch_timer(timing)] if timing is not None else []
     result, seconds = timed(lambda: train_ours(suite, data["train"], seed, timers + [Curve()]))

@@ -92,8 +92,8 @@ def targets(summary, suite, records, candidate: str = "ours_improved"):
                     f"{ours:.3f} vs {reference:.3f} + 0.05 (LoRA: {base:.3f}){note}"))
     trained = "ours" if candidate == "ours_improved" else candidate  # ours_improved rescales ours' adapter
     timed = [s for s in per["lora"] if (trained, s) in records and ("lora", s) in records
-             and not any("timing_note" in records[(j, s)] for j in (trained, "lora"))]
-    timed = [s for s in timed if records[(trained, s)].get("train_seconds", float("nan")) == records[(trained, s)].get("train_seconds")]
+             and not any("timing_note" in records[(j, s)] for j in (trained, "lora"))
+             and not np.isnan(records[(trained, s)].get("train_seconds", np.nan))]
     # Curve points timed since stop 20 carry their scoring seconds: the ratio then compares training alone.
     net = bool(timed) and all(p.get("seconds") is not None for s in timed for j in (trained, "lora")
                               for p in records[(j, s)].get("curve") or [])
