@@ -135,6 +135,19 @@ def scale_lines(records, job: str) -> list[str]:
         f"{val_nll(c, c['factor']):.3f} vs {val_nll(c, 1.0):.3f} unscaled" for s, c in found)]
 
 
+def ensemble_cost_lines(records) -> list[str]:
+    """The 3-LoRA ensemble's cost: three trainings of the same steps and three forward passes per prediction,
+    with each member's measured training seconds (seed mean; LoRA's own include its test-curve scoring)."""
+    seconds = {job: _mean([r["train_seconds"] for (j, _), r in records.items() if j == job and "timing_note" not in r])
+               for job in ("lora", "lora_m1", "lora_m2")}
+    if any(v != v for v in seconds.values()):
+        return []
+    return ["", "**Ensemble cost**: 3 LoRAs, each trained with the same data and steps as plain LoRA (3× its training "
+            "compute and adapter storage), and 3 forward passes per prediction (the S = 10 methods take 10). Training "
+            "seconds per member, seed mean: " + ", ".join(f"{job} {v:.0f}" for job, v in seconds.items())
+            + " (LoRA's include its per-epoch test-curve scoring; the members have none)."]
+
+
 def robustness_lines(path: str = os.path.join(OUT, "calibration_lr.json")) -> list[str]:
     """The learning-rate target, read from ``calibration_lr.py``'s table (``[]`` before that script has run)."""
     if not os.path.exists(path):
@@ -252,6 +265,7 @@ def write_report(summary, suites, seeds, command, tables, outputs_of, load):
                           for name, ok, text in found]
                 if candidate == "ours_improved":
                     lines += scale_lines(records, "ours_improved") + scale_lines(records, "bayesianize")
+        lines += ensemble_cost_lines(records)
         if suite == "obqa":
             lines += robustness_lines()
         lines.append("")
