@@ -84,12 +84,13 @@ def _score_posterior(suite, monteclora, tokenizer, data, outputs, with_val, seed
 
 
 def _lora_adapter(suite: Suite, data: dict, seed: int, job: str = "lora",
-                  timing: Optional[dict] = None) -> tuple[Any, Any, list, float]:
+                  timing: Optional[dict] = None, curve: bool = False) -> tuple[Any, Any, list, float]:
     """The LoRA of ``job`` (member seed offset), from its saved folder or trained (and saved) now.
 
-    The training seconds include the curve's scoring (``job == "lora"`` only). ``timing`` (a job's
-    record) gets ``epoch_seconds``: each epoch's training seconds, its curve scoring left out (the
-    first includes the setup: model copy, adapter injection, tokenization).
+    With ``curve`` (the ``lora`` job's own), each epoch's test point is scored, and the training
+    seconds include that scoring; MC dropout and bayesianize reuse the LoRA and need no curve.
+    ``timing`` (a job's record) gets ``epoch_seconds``: each epoch's training seconds, its curve
+    scoring left out (the first includes the setup: model copy, adapter injection, tokenization).
     """
     from peft import PeftModel
 
@@ -97,20 +98,19 @@ def _lora_adapter(suite: Suite, data: dict, seed: int, job: str = "lora",
     if os.path.isdir(folder):
         model, tokenizer = base_model(suite, seed + MEMBER_SEEDS[job])
         return PeftModel.from_pretrained(model, folder).eval(), tokenizer, [], float("nan")
-    curve: list = []
-    track = job == "lora"
+    points: list = []
     ends = [time.perf_counter()]  # the end of each epoch's training (after the previous curve point)
 
     def on_epoch(model, epoch, train_nll):
         if timing is not None:
             timing.setdefault("epoch_seconds", []).append(time.perf_counter() - ends[-1])
-        if track:
-            curve.append(_curve_point(suite, model, tokenizer_of(suite), data, epoch, train_nll))
+        if curve:
+            points.append(_curve_point(suite, model, tokenizer_of(suite), data, epoch, train_nll))
         ends.append(time.perf_counter())
 
     (model, tokenizer), seconds = timed(lambda: train_plain(suite, data["train"], seed + MEMBER_SEEDS[job], on_epoch=on_epoch))
     model.save_pretrained(folder)
-    return model, tokenizer, curve, seconds
+    return model, tokenizer, points, seconds
 
 
 def _epoch_timer(record: dict) -> Any:
@@ -164,7 +164,7 @@ def run_job(suite: Suite, job: str, seed: int) -> dict:
     record["device"] = torch.cuda.get_device_name(DEVICE) if DEVICE.type == "cuda" else "cpu"
     torch.manual_seed(seed)
     if job in MEMBER_SEEDS:
-        model, tokenizer, curve, seconds = _lora_adapter(suite, data, seed, job, timing=record)
+        model, tokenizer, curve, seconds = _lora_adapter(suite, data, seed, job, timing=record, curve=job == "lora")
         _, record["eval_seconds"] = timed(lambda: _score_deterministic(suite, model, tokenizer, data, outputs, job == "lora", keep=True))
         record.update(curve=curve, train_seconds=seconds)
     elif job == "mc_dropout":

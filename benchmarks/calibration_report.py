@@ -125,13 +125,17 @@ def targets(summary, suite, records, candidate: str = "ours_improved"):
     return out
 
 
+def _train_seconds(records, *jobs: str) -> float:
+    """The training seconds of ``jobs``, mean over their records without a ``timing_note`` (NaN if none)."""
+    return _mean([r["train_seconds"] for (j, _), r in records.items() if j in jobs and "timing_note" not in r])
+
+
 def _bayesianize_cost(records, seeds) -> list:
     """``bayesianize``'s training-time target: its posterior fit comes on top of a LoRA already trained. The
     reference is a LoRA training without curve scoring: the ensemble members' (the same data and steps)."""
     fits = [records[("bayesianize", s)]["fit_seconds"] for s in seeds if ("bayesianize", s) in records]
-    lora = _mean([r["train_seconds"] for (j, _), r in records.items()
-                  if j in ("lora_m1", "lora_m2") and "timing_note" not in r])
-    if not fits or lora != lora:
+    lora = _train_seconds(records, "lora_m1", "lora_m2")
+    if not fits or np.isnan(lora):
         return []
     ratio = (lora + _mean(fits)) / lora
     return [("training time ≤ 1.1 × LoRA's", ratio <= 1.1,
@@ -156,9 +160,8 @@ def scale_lines(records, job: str) -> list[str]:
 def ensemble_cost_lines(records) -> list[str]:
     """The 3-LoRA ensemble's cost: three trainings of the same steps and three forward passes per prediction,
     with each member's measured training seconds (seed mean; LoRA's own include its test-curve scoring)."""
-    seconds = {job: _mean([r["train_seconds"] for (j, _), r in records.items() if j == job and "timing_note" not in r])
-               for job in ("lora", "lora_m1", "lora_m2")}
-    if any(v != v for v in seconds.values()):
+    seconds = {job: _train_seconds(records, job) for job in ("lora", "lora_m1", "lora_m2")}
+    if any(np.isnan(v) for v in seconds.values()):
         return []
     return ["", "**Ensemble cost**: 3 LoRAs, each trained with the same data and steps as plain LoRA (3× its training "
             "compute and adapter storage), and 3 forward passes per prediction (the S = 10 methods take 10). Training "
