@@ -49,7 +49,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_
 from pyro_monteclora.data import Collator, IndexedExamples, tokenize_classification
 from pyro_monteclora.calibration import calibration_metrics, rank_correlation
 from pyro_monteclora.examples import load_vader, minilm_path
-from pyro_monteclora.predictive import Predictive
+from pyro_monteclora.prediction.predictive import Predictive
 
 DATA_DIR = os.path.join("..", "shared", "data", "commonsense")
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear")
@@ -341,7 +341,7 @@ def predict_deterministic(task: Task, forward) -> np.ndarray:
 def predict_posterior(task: Task, monteclora: Any, num_draws: int = NUM_DRAWS, seed: int = 0):
     """Posterior predictive (mean over ``num_draws`` guide draws of the task probabilities) and
     the per-draw probabilities; the same ``num_draws`` adapters for every batch (seeded
-    :class:`~pyro_monteclora.predictive.Predictive`). For multiple choice the 4-way distribution
+    :class:`~pyro_monteclora.prediction.predictive.Predictive`). For multiple choice the 4-way distribution
     is formed per draw, then averaged."""
     predictive = Predictive(monteclora, num_samples=num_draws, seed=seed)
     logits = torch.cat([predictive.sample_logits(b).float() for b in _test_batches(task)], dim=1)

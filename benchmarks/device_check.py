@@ -2,7 +2,7 @@
 
 Run from the repository root on a machine with a GPU::
 
-    python benchmarks/device_check.py        # prints each comparison; exits 1 at the first failure
+    python -m benchmarks.device_check        # prints each comparison; exits 1 at the first failure
 
 It checks, on CUDA: :func:`pyro_monteclora.train` (transformers' Trainer) trains and leaves the
 model there; the mean adapter's logits equal those of the same weights on the CPU; the
@@ -25,7 +25,7 @@ from peft import LoraConfig, get_peft_model
 import pyro_monteclora
 from pyro_monteclora import bayesianize
 from pyro_monteclora.data import encode_prompt_completion
-from pyro_monteclora.scoring import network_candidate_scores
+from pyro_monteclora.prediction.shared_prompt import network_candidate_scores
 from pyro_monteclora.testing import TOY_WORDS, nonzero_lora_b, tiny_llama, toy_tokenizer
 
 ROWS = [{"prompt": "the good is", "completion": c} for c in ("good", "bad", "nice", "sad")] * 4

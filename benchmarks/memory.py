@@ -5,7 +5,7 @@ method, run ``--steps`` AdamW steps on random token batches, and report the proc
 resident set size (``ru_maxrss``) minus the RSS measured right after the imports, i.e. what the
 model, its gradients, optimizer state and activations added. Writes a Markdown table.
 
-    OMP_NUM_THREADS=1 python benchmarks/memory.py --output docs/memory.md
+    OMP_NUM_THREADS=1 python -m benchmarks.memory --output docs/memory.md
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ def main() -> None:
     print(table)
     if args.output:
         command = (
-            f"OMP_NUM_THREADS=1 python benchmarks/memory.py --steps {args.steps} --batch-size {args.batch_size} "
+            f"OMP_NUM_THREADS=1 python -m benchmarks.memory --steps {args.steps} --batch-size {args.batch_size} "
             f"--length {args.length} --output {args.output}"
         )
         text = DOC.format(table=table, command=command, steps=args.steps, batch=args.batch_size, length=args.length)

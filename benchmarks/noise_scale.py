@@ -12,9 +12,9 @@ standard deviation ``rating_std``.
 
 Usage::
 
-    python benchmarks/noise_scale.py                          # eps 5e-3, 2e-2, 5e-2 x lr 1e-3, 3e-3, 1e-2
-    python benchmarks/noise_scale.py --eps 5e-3 2e-2 5e-2 1e-1
-    python benchmarks/noise_scale.py --from-json benchmarks/results/noise_scale.json   # re-make the table
+    python -m benchmarks.noise_scale                          # eps 5e-3, 2e-2, 5e-2 x lr 1e-3, 3e-3, 1e-2
+    python -m benchmarks.noise_scale --eps 5e-3 2e-2 5e-2 1e-1
+    python -m benchmarks.noise_scale --from-json benchmarks/results/noise_scale.json   # re-make the table
 
 Writes ``noise_scale.md`` and ``noise_scale.json`` (raw per-run records) under ``--out``.
 """
@@ -31,10 +31,8 @@ import time
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import common  # noqa: E402
-from pyro_monteclora.calibration import rank_correlation  # noqa: E402
+from . import common
+from pyro_monteclora.calibration import rank_correlation
 
 
 def _rho(scores: np.ndarray, truth: np.ndarray) -> float:
@@ -139,7 +137,7 @@ def main(argv=None) -> None:
                 with open(path, "w", encoding="utf-8") as handle:
                     json.dump(records, handle, indent=1)
     minutes = (time.perf_counter() - start) / 60
-    command = "python benchmarks/noise_scale.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks.noise_scale " + " ".join(argv if argv is not None else sys.argv[1:])
     text = "\n".join([
         "# Noise scale ε (sample_scaler) on VADER",
         "",

@@ -13,10 +13,10 @@ per-repetition ratio to plain LoRA's step, so load from other processes hits all
   the step's forward time minus the time inside the network's ``forward`` (guide trace, priors,
   replay, noise, likelihood, KL, cooperative loss); measured on 2, 8 and 32 adapted layers with
   ``group_layers`` on and off.
-- posterior predictive: S = 8 guide draws (``pyro_monteclora.predictive.Predictive`` when it exists,
+- posterior predictive: S = 8 guide draws (``pyro_monteclora.prediction.predictive.Predictive`` when it exists,
   else 8 ``sample_logits`` calls) vs 8 plain forwards of the mean adapter.
 
-Usage: ``python benchmarks/overhead.py [--reps 10] [--quick] [--out benchmarks/results]``
+Usage: ``python -m benchmarks.overhead [--reps 10] [--quick] [--out benchmarks/results]``
 """
 
 from __future__ import annotations
@@ -32,12 +32,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import common  # noqa: E402
-from pyro_monteclora import MonteCLoRA, MonteCLoRAConfig  # noqa: E402
-from pyro_monteclora.train.elbo import ELBOLoss  # noqa: E402
-from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from . import common
+from pyro_monteclora import MonteCLoRA, MonteCLoRAConfig
+from pyro_monteclora.train.elbo import ELBOLoss
+from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 
 # ------------------------------------------------------------------------------------ models
@@ -208,7 +206,7 @@ def predictive_cost(mc: MonteCLoRA, batch: dict, reps: int, draws: int = common.
     mc.eval()
     inputs = common._inputs(batch)
     try:
-        from pyro_monteclora.predictive import Predictive
+        from pyro_monteclora.prediction.predictive import Predictive
 
         predictive = Predictive(mc, num_samples=draws, seed=0)
         posterior, how = (lambda: predictive(batch)), "Predictive"
@@ -297,7 +295,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     reps = 4 if args.quick else args.reps
-    command = "python benchmarks/overhead.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks.overhead " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = [
         "# Overhead: pyro_monteclora vs peft LoRA vs peft's MonteCLoRA variant",
         "",

@@ -10,8 +10,8 @@ it adds the Spearman correlation of predictive entropy with the raters' standard
 
 Usage::
 
-    python benchmarks/robustness.py --quick      # 3 lrs, 1 batch size, VADER + BoolQ subsets (< 10 min)
-    python benchmarks/robustness.py              # 5 lrs x 2 batch sizes x 3 tasks (< 90 min on 2 cores)
+    python -m benchmarks.robustness --quick      # 3 lrs, 1 batch size, VADER + BoolQ subsets (< 10 min)
+    python -m benchmarks.robustness              # 5 lrs x 2 batch sizes x 3 tasks (< 90 min on 2 cores)
 
 Writes ``robustness[_quick].md``, ``robustness[_quick].png`` and ``robustness[_quick].json``
 (raw per-run metrics) under ``--out`` and prints the table.
@@ -29,9 +29,7 @@ import time
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import common  # noqa: E402
+from . import common
 
 EVALS = ("lora", "peft_mc", "ours_mean", "ours_pp")
 # accuracies are ratios of counts: 72/200 - 62/200 is 0.0499999... in floating point, not 0.05
@@ -284,7 +282,7 @@ def main(argv=None) -> None:
     minutes = (time.perf_counter() - start) / 60
     table, summary = summarize(records, args.tasks)
     checks = targets(summary, args.tasks)
-    command = "python benchmarks/robustness.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks.robustness " + " ".join(argv if argv is not None else sys.argv[1:])
     text = "\n".join([
         f"# Robustness sweep{' (--quick)' if args.quick else ''}",
         "",

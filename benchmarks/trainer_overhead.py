@@ -14,7 +14,7 @@ tensors saved for backward by one ``compute_loss`` (unique storages, through
 ``saved_tensors_hooks``) + MonteCLoRA's held noise (one LoRA-A-sized tensor per layer). With activation checkpointing, only what the checkpoints keep is
 saved; the saving is reported for both methods.
 
-Usage: ``python benchmarks/trainer_overhead.py [--reps 6] [--steps 4] [--models minilm,llama,smollm2]``
+Usage: ``python -m benchmarks.trainer_overhead [--reps 6] [--steps 4] [--models minilm,llama,smollm2]``
 """
 
 from __future__ import annotations
@@ -32,10 +32,8 @@ from peft import LoraConfig, get_peft_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import PrinterCallback
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import overhead  # noqa: E402  (the models and batches of the step benchmark)
-from pyro_monteclora import MonteCLoRA, MonteCLoRAConfig, MonteCLoRATrainer  # noqa: E402
+from . import overhead  # the models and batches of the step benchmark
+from pyro_monteclora import MonteCLoRA, MonteCLoRAConfig, MonteCLoRATrainer
 
 LORA = dict(lora_r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear")
 
@@ -204,7 +202,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    command = "python benchmarks/trainer_overhead.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks.trainer_overhead " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = [
         "# Overhead on transformers' Trainer: MonteCLoRATrainer vs plain peft LoRA on Trainer",
         "",

@@ -8,7 +8,7 @@ the predictive entropy and of the mutual information with the raters' standard d
 
 Run (about 2-3 minutes on 2 CPU threads)::
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/vader_uncertainty.py --train-size 3000 --epochs 2 \\
+    OMP_NUM_THREADS=1 .venv/bin/python -m benchmarks.vader_uncertainty --train-size 3000 --epochs 2 \\
         --diagram docs/images/reliability_vader.png --timing
 """
 
@@ -23,10 +23,11 @@ import torch
 from pyro_monteclora import train
 from pyro_monteclora.calibration import calibration_metrics, rank_correlation, reliability_diagram
 from pyro_monteclora.data import pad_token_id
-from pyro_monteclora.evaluation import evaluation_outputs
+from pyro_monteclora.prediction.evaluation import evaluation_outputs
 from pyro_monteclora.examples import load_vader, minilm_path
 from pyro_monteclora.inspection import format_summary, summary
-from pyro_monteclora.predictive import Predictive, _batches
+from pyro_monteclora.data import batches
+from pyro_monteclora.prediction.predictive import Predictive
 
 
 def timing(monteclora, tokenizer, texts, num_samples: int, repeats: int) -> dict[str, float]:
@@ -34,7 +35,7 @@ def timing(monteclora, tokenizer, texts, num_samples: int, repeats: int) -> dict
     encoded = tokenizer(texts, truncation=True, max_length=monteclora.monteclora_config.max_length)
     examples = [{k: encoded[k][i] for k in ("input_ids", "attention_mask", "token_type_ids") if k in encoded}
                 for i in range(len(texts))]
-    batch = next(_batches(examples, pad_token_id(tokenizer), len(examples)))
+    batch = next(batches(examples, pad_token_id(tokenizer), len(examples)))
     result = {}
     for name, vectorize in (("vectorized", True), ("loop", False)):
         predictive = Predictive(monteclora, num_samples, seed=0, vectorize=vectorize)

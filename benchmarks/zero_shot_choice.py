@@ -7,24 +7,20 @@ if it learned to use what the encoder already knows.
 
 Usage::
 
-    python benchmarks/zero_shot_choice.py            # first 500 test questions of ARC-Easy and OpenBookQA
-    python benchmarks/zero_shot_choice.py --limit 0  # every test question
+    python -m benchmarks.zero_shot_choice            # first 500 test questions of ARC-Easy and OpenBookQA
+    python -m benchmarks.zero_shot_choice --limit 0  # every test question
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import AutoModel
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import common  # noqa: E402
+from . import common
 
 
 @torch.no_grad()

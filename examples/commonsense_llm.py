@@ -39,11 +39,11 @@ import torch
 import pyro_monteclora
 from pyro_monteclora import MonteCLoRA
 from pyro_monteclora.calibration import calibration_metrics
-from pyro_monteclora.evaluation import predictive_outputs
+from pyro_monteclora.prediction.evaluation import predictive_outputs
 from pyro_monteclora.examples import load_smollm2
-from pyro_monteclora.generation import generate_answers
+from pyro_monteclora.prediction.generation import generate_answers
 from pyro_monteclora.quiet import quiet
-from pyro_monteclora.scoring import instruction_choices, multiple_choice
+from pyro_monteclora.prediction.scoring import instruction_choices, multiple_choice
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "commonsense")
 TASKS = ("openbookqa", "ARC-Easy", "boolq")

@@ -16,9 +16,9 @@ from transformers import AutoModelForSequenceClassification
 
 import pyro_monteclora
 from pyro_monteclora.calibration import rank_correlation
-from pyro_monteclora.evaluation import evaluate
+from pyro_monteclora.prediction.evaluation import evaluate
 from pyro_monteclora.examples import load_vader, minilm_path
-from pyro_monteclora.predictive import predict
+from pyro_monteclora.prediction.predictive import predict
 
 
 def main() -> None:

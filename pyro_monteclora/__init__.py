@@ -14,21 +14,23 @@ Example:
     1.0
 """
 
-from . import calibration, distributions, evaluation, inspection, predictive, train
-from .bayesianize import bayesianize
+from . import _legacy, calibration, distributions, inspection, train
+from ._version import __version__
 from .calibration import calibration_metrics, reliability_diagram
 from .config import MonteCLoRAConfig
-from .evaluation import evaluate
 from .inspection import format_summary, render_model, render_model_text, summary
-from .io import load, save_pretrained, save_result
-from .monteclora import MonteCLoRA
-from .posterior_scale import tune_posterior_scale
-from .predictive import Predictive, predict
-from .scoring import multiple_choice, sequence_log_likelihood
+from .io import save_pretrained, save_result
+from .monteclora import MonteCLoRA, load
+from .prediction import evaluation, predictive
+from .prediction.evaluation import evaluate
+from .prediction.posterior_scale import tune_posterior_scale
+from .prediction.predictive import Predictive, predict
+from .prediction.scoring import multiple_choice, sequence_log_likelihood
+from .prediction.uncertainty import ood_scores, selective_prediction
 from .train import MonteCLoRATrainer, MonteCLoRATrainerMixin, TrainingDiverged, TrainResult
-from .uncertainty import ood_scores, selective_prediction
+from .train.bayesianize import bayesianize
 
-__version__ = "0.1.0"
+_legacy.install()
 
 __all__ = [
     "MonteCLoRAConfig",

@@ -17,12 +17,15 @@ Example:
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Optional
 
 import torch
 
 __all__ = [
+    "check_probs_labels",
+    "average_ranks",
     "accuracy",
     "negative_log_likelihood",
     "brier_score",
@@ -31,10 +34,13 @@ __all__ = [
     "reliability_diagram",
     "calibration_metrics",
     "rank_correlation",
+    "fit_temperature",
+    "temperature_scale",
 ]
 
 
-def _check(probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def check_probs_labels(probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``probs`` ``(n, C)`` and integer ``labels`` ``(n,)`` as tensors, checked; a clear error otherwise."""
     probs = torch.as_tensor(probs)
     labels = torch.as_tensor(labels)
     if probs.dim() != 2:
@@ -52,13 +58,13 @@ def _check(probs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, tor
 
 def accuracy(probs: torch.Tensor, labels: torch.Tensor) -> float:
     """Share of examples whose most probable class is the label."""
-    probs, labels = _check(probs, labels)
+    probs, labels = check_probs_labels(probs, labels)
     return float((probs.argmax(-1) == labels).double().mean())
 
 
 def negative_log_likelihood(probs: torch.Tensor, labels: torch.Tensor) -> float:
     """Mean over examples of ``-log probs[i, labels[i]]`` (nats); ``inf`` if a label has probability 0."""
-    probs, labels = _check(probs, labels)
+    probs, labels = check_probs_labels(probs, labels)
     return float(-probs.gather(1, labels[:, None]).log().mean())
 
 
@@ -68,7 +74,7 @@ def brier_score(probs: torch.Tensor, labels: torch.Tensor) -> float:
     The sum runs over all C classes (Brier's original definition), so the score lies in
     ``[0, 2]``; for two classes it is twice the "binary" Brier score ``(p_1 - y)**2``.
     """
-    probs, labels = _check(probs, labels)
+    probs, labels = check_probs_labels(probs, labels)
     one_hot = torch.nn.functional.one_hot(labels, probs.shape[1]).double()
     return float((probs - one_hot).pow(2).sum(-1).mean())
 
@@ -83,7 +89,7 @@ def calibration_bins(probs: torch.Tensor, labels: torch.Tensor, num_bins: int = 
     """
     if isinstance(num_bins, bool) or not isinstance(num_bins, int) or num_bins < 1:
         raise ValueError(f"num_bins must be a positive integer, got {num_bins!r}")
-    probs, labels = _check(probs, labels)
+    probs, labels = check_probs_labels(probs, labels)
     confidence, predicted = probs.max(-1)
     correct = (predicted == labels).double()
     edges = torch.arange(num_bins + 1, dtype=torch.float64) / num_bins
@@ -118,6 +124,45 @@ def calibration_metrics(probs: torch.Tensor, labels: torch.Tensor, num_bins: int
         "brier": brier_score(probs, labels),
         "ece": expected_calibration_error(probs, labels, num_bins),
     }
+
+
+def temperature_scale(probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``softmax(log(probs) / T)``: the probabilities with temperature ``T`` (``T > 1`` flattens them).
+
+    Example:
+        >>> temperature_scale(torch.tensor([[0.8, 0.2]]), 2.0)   # sqrt(0.8) : sqrt(0.2)
+        tensor([[0.6667, 0.3333]])
+    """
+    if not temperature > 0 or not torch.isfinite(torch.tensor(float(temperature))):
+        raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+    log_probs = torch.log(torch.as_tensor(probs, dtype=torch.float64))
+    return torch.softmax(log_probs / temperature, dim=-1).to(torch.as_tensor(probs).dtype)
+
+
+def fit_temperature(probs: torch.Tensor, labels: torch.Tensor, low: float = 0.01, high: float = 100.0) -> float:
+    """The temperature minimizing the NLL of :func:`temperature_scale` on held-out ``probs``, ``labels``.
+
+    Temperature scaling (Guo et al., 2017): one number fitted on a validation split, which keeps
+    every prediction's ranking (and so the accuracy) and changes only its confidence. Searched on
+    a grid of 201 values of ``log T`` in ``[low, high]``, then refined around the best; the NLL is
+    convex in ``1/T``, so the grid cannot miss the minimum by more than its spacing.
+
+    Example:
+        >>> probs = torch.tensor([[0.99, 0.01], [0.99, 0.01], [0.99, 0.01], [0.01, 0.99]])
+        >>> fit_temperature(probs, torch.tensor([0, 1, 0, 1])) > 1          # over-confident: T > 1
+        True
+    """
+    probs, labels = check_probs_labels(probs, labels)
+    log_probs = torch.log(probs.double())
+
+    def nll(t: float) -> float:
+        return float(torch.nn.functional.cross_entropy(log_probs / t, labels))
+
+    grid = torch.logspace(torch.log10(torch.tensor(low)), torch.log10(torch.tensor(high)), 201, dtype=torch.float64)
+    best = min(grid.tolist(), key=nll)
+    step = (torch.log(grid[1]) - torch.log(grid[0])).item()
+    fine = torch.exp(torch.linspace(math.log(best) - step, math.log(best) + step, 41, dtype=torch.float64))
+    return float(min(fine.tolist(), key=nll))
 
 
 def reliability_diagram(
@@ -169,7 +214,7 @@ def reliability_diagram(
     return path
 
 
-def _average_ranks(values: torch.Tensor) -> torch.Tensor:
+def average_ranks(values: torch.Tensor) -> torch.Tensor:
     """Ranks 0..n-1 of ``values``, ties sharing the average of their ranks."""
     _, inverse, counts = torch.unique(values, return_inverse=True, return_counts=True)
     starts = torch.cumsum(counts, 0) - counts
@@ -190,7 +235,7 @@ def rank_correlation(x: torch.Tensor, y: torch.Tensor) -> float:
     x, y = torch.as_tensor(x).reshape(-1), torch.as_tensor(y).reshape(-1)
     if x.numel() != y.numel() or x.numel() < 2:
         raise ValueError(f"need two samples of equal size >= 2, got {x.numel()} and {y.numel()}")
-    a, b = _average_ranks(x), _average_ranks(y)
+    a, b = average_ranks(x), average_ranks(y)
     a, b = a - a.mean(), b - b.mean()
     norm = a.norm() * b.norm()
     if norm == 0:

@@ -34,7 +34,7 @@ import torch
 from .layers import StochasticLoraA
 from .monteclora import device_of
 from .models.prior import site_names
-from .predictive import _seeded, draw_latents
+from .prediction.draws import draw_latents, seeded
 
 __all__ = ["render_model", "render_model_text", "model_relations", "summary", "format_summary", "tiny_batch"]
 
@@ -194,7 +194,7 @@ def summary(monteclora: Any, num_samples: int = 16, seed: Optional[int] = 0) -> 
     ``noise_share_per_layer``; ``extra_parameters`` (the guide's parameters, ``(r + N)`` per layer).
     """
     device = device_of(monteclora)
-    with _seeded(seed, device):
+    with seeded(seed, device):
         noise = monteclora.model.noise(draw_latents(monteclora, num_samples))
     weights_of_a = {}
     for module in monteclora.network.modules():

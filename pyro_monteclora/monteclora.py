@@ -14,7 +14,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Union
 
 import pyro.poutine as poutine
 import torch
@@ -22,11 +22,14 @@ from torch import nn
 
 from .config import MonteCLoRAConfig
 from .guides import MonteCLoRAGuide
+from .io import PathLike, save_merged, save_pretrained
+from .io.read import check_model_path, check_num_labels, read_adapter, restore_adapter
 from .layers import LayerGroup, attach_lora
 from .models import MonteCLoRAModel
 from .models.model import NON_INPUT_KEYS
+from .quantization import load_base_model
 
-__all__ = ["MonteCLoRA", "infer_task", "device_of", "check_decoder"]
+__all__ = ["MonteCLoRA", "load", "infer_task", "device_of", "check_decoder"]
 
 
 def device_of(module: Any) -> torch.device:
@@ -208,8 +211,6 @@ class MonteCLoRA(nn.Module):
         With ``merged=True`` the folder holds a plain transformers model (base + mean adapter)
         with the full adapter folder beside it. See :mod:`pyro_monteclora.io`.
         """
-        from .io import save_merged, save_pretrained
-
         return (save_merged if merged else save_pretrained)(self, folder, overwrite=overwrite)
 
     def forward(self, objective: Optional[Callable[[Mapping[str, torch.Tensor]], Any]] = None, **inputs: Any) -> Any:
@@ -222,3 +223,56 @@ class MonteCLoRA(nn.Module):
         if objective is not None:
             return objective(inputs)
         return self.network(**self._inputs(inputs))
+
+
+def load(
+    base_model: Union[nn.Module, PathLike],
+    folder: PathLike,
+    *,
+    tokenizer: Any = None,
+    device: Optional[Union[str, torch.device]] = None,
+) -> MonteCLoRA:
+    """Restore the full Bayesian adapter saved in ``folder`` on ``base_model``.
+
+    The one place that builds a :class:`MonteCLoRA` from files: :func:`pyro_monteclora.io.read_adapter`
+    reads and checks them (JSON and safetensors only, never a pickle), this builds the adapter.
+
+    Args:
+        base_model: the base transformers model (modified in place by peft; used as given,
+            quantized or not), or its path or hub id (loaded from safetensors and quantized as in
+            training).
+        folder: an adapter folder or a merged output (its ``adapter/`` subfolder is used).
+        tokenizer: the tokenizer; by default the one saved in the folder, if any.
+        device: where to put the model (default: where the base model is).
+
+    The adapter weights, the task head and the variational parameters are restored exactly, so
+    the posterior predictive with the same seed gives the same outputs as before saving.
+
+    Example:
+        >>> import tempfile
+        >>> from pyro_monteclora.testing import tiny_bert
+        >>> folder = MonteCLoRA.from_model(tiny_bert(), lora_r=4).save_pretrained(tempfile.mkdtemp() + "/adapter")
+        >>> load(tiny_bert(), folder).task
+        'classification'
+    """
+    saved = read_adapter(folder)
+    config, meta = saved.config, saved.meta
+    if not isinstance(base_model, nn.Module):
+        check_model_path(base_model)
+        base_model = load_base_model(
+            base_model,
+            meta["task"],
+            config.quantization,
+            num_labels=meta.get("num_labels"),
+            id2label=meta.get("id2label"),
+            device=None if device is None else str(device),
+            exclude=config.modules_to_save,
+        )
+    check_num_labels(meta, base_model, saved.folder)
+    with torch.random.fork_rng():  # LoRA's random init must not move the caller's RNG
+        # A base model object is used as given (quantized or not): quantization=None here.
+        monteclora = MonteCLoRA.from_model(base_model, config.replace(quantization=None), tokenizer=tokenizer)
+    restore_adapter(monteclora, saved)
+    if device is not None:
+        monteclora.to(device)
+    return monteclora.eval()

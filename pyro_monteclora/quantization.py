@@ -31,7 +31,8 @@ from torch import nn
 from .config import QUANTIZATIONS
 from .quiet import new_head_note, quiet
 
-__all__ = ["load_base_model", "quantize_base", "quantization_of", "HEAD_MODULES", "dense_weight"]
+__all__ = ["load_base_model", "quantize_base", "quantization_of", "HEAD_MODULES", "dense_weight", "is_quanto",
+           "task_of_folder"]
 
 #: Module names never quantized: task heads are trained in full (peft's ``modules_to_save``) or
 #: tied to the embeddings.
@@ -105,19 +106,20 @@ def quantization_of(model: nn.Module) -> Optional[str]:
         if kind == "Linear4bit":
             return "int4"
         weight = getattr(module, "weight", None)
-        if weight is not None and _is_quanto(weight):
+        if weight is not None and is_quanto(weight):
             return "int4" if "QBits" in type(weight).__name__ else "int8"
     return None
 
 
-def _is_quanto(tensor: Any) -> bool:
+def is_quanto(tensor: Any) -> bool:
+    """Whether ``tensor`` is an optimum-quanto quantized tensor (``QTensor``)."""
     return any(cls.__name__ == "QTensor" for cls in type(tensor).__mro__)
 
 
 def dense_weight(layer: nn.Module) -> torch.Tensor:
     """The weight of a (possibly quantized) linear layer as an ordinary floating-point tensor."""
     weight = layer.weight
-    if _is_quanto(weight):
+    if is_quanto(weight):
         return weight.dequantize().detach()
     if type(layer).__module__.startswith("bitsandbytes") or type(weight).__name__ in ("Params4bit", "Int8Params"):
         from peft.utils.integrations import dequantize_module_weight
@@ -136,7 +138,8 @@ def _auto_class(task: str) -> Any:
     raise ValueError(f"task must be 'classification' or 'causal_lm' to load a model from a path, got {task!r}")
 
 
-def _task_of_folder(path: str) -> str:
+def task_of_folder(path: str) -> str:
+    """``"causal_lm"`` or ``"classification"`` from a model folder's ``config.json`` architectures."""
     import json
 
     with open(os.path.join(path, "config.json"), encoding="utf-8") as handle:
@@ -186,7 +189,7 @@ def load_base_model(
         return quantize_base(model, quantization, exclude)
     path = os.fspath(path_or_model)
     if task == "auto":
-        task = _task_of_folder(path) if os.path.isdir(path) else "classification"
+        task = task_of_folder(path) if os.path.isdir(path) else "classification"
     kwargs: dict[str, Any] = {"use_safetensors": True}
     if os.path.isdir(path):
         kwargs["local_files_only"] = True

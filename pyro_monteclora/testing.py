@@ -14,9 +14,19 @@ from collections.abc import Sequence
 from typing import Optional
 
 import torch
-from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    BertTokenizerFast,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+)
 
-__all__ = ["tiny_bert", "tiny_llama", "toy_sentiment", "toy_tokenizer", "nonzero_lora_b", "CharTokenizer", "TOY_WORDS"]
+__all__ = [
+    "tiny_bert", "tiny_llama", "toy_sentiment", "toy_tokenizer", "tiny_bpe_tokenizer", "nonzero_lora_b", "CharTokenizer",
+    "TOY_WORDS",
+]
 
 TOY_WORDS = ["good", "great", "nice", "happy", "bad", "awful", "sad", "ugly", "the", "is", "positive", "negative"]
 
@@ -82,6 +92,42 @@ def toy_tokenizer(words: Sequence[str] = TOY_WORDS, folder: Optional[str] = None
     with open(vocab, "w", encoding="utf-8") as handle:
         handle.write("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *words]) + "\n")
     return BertTokenizerFast(vocab)
+
+
+#: What :func:`tiny_bpe_tokenizer` learns its merges from.
+BPE_CORPUS = (
+    "Question: Is the sky blue? Answer: yes no. Question: Which is a colour? Answer: red dog run. "
+    "Pick the number: cat seven tree blue. Which animal barks? a cat a dog a fish a bird a cow. "
+    "Two plus two is four five. Opposite of hot? warm cold very hot. Which is a fruit? apple car stone lamp. "
+    "Water freezes at zero degrees ten degrees. What do bees make? milk honey silk. The quick brown fox."
+)
+
+
+def tiny_bpe_tokenizer(vocab_size: int = 320, add_bos: bool = True) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (a ``PreTrainedTokenizerFast``, Llama-3 style: a space attaches to
+    the next word) trained in-process on :data:`BPE_CORPUS`: pad 0, bos 1, eos 2 (as :func:`tiny_llama`),
+    BOS added by default as a Llama tokenizer does. Any text encodes (bytes are the fallback); a
+    real tokenizer for lm-eval's ``HFLM``, which :class:`CharTokenizer` is not.
+
+    Example:
+        >>> tokenizer = tiny_bpe_tokenizer()
+        >>> ids = tokenizer("Question: Is ice cold?")["input_ids"]
+        >>> ids[0] == tokenizer.bos_token_id, tokenizer.decode(ids[1:])
+        (True, 'Question: Is ice cold?')
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    backend.train_from_iterator([BPE_CORPUS] * 3, trainer=trainer)
+    if add_bos:
+        backend.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                               special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   name_or_path="tiny-bpe")
 
 
 class CharTokenizer:

@@ -21,7 +21,7 @@ from transformers import TrainerCallback
 import pyro_monteclora
 from pyro_monteclora import MonteCLoRA
 from pyro_monteclora.cli import main
-from pyro_monteclora.merge import merge
+from pyro_monteclora.export.merge import merge
 from pyro_monteclora.testing import TOY_WORDS, tiny_bert, toy_sentiment
 
 

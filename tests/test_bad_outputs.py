@@ -26,8 +26,8 @@ import pyro_monteclora
 from pyro_monteclora import MonteCLoRA
 from pyro_monteclora.cli import main
 from pyro_monteclora.io import save_merged, save_pretrained
-from pyro_monteclora.kohya import kohya_to_peft, peft_to_kohya
-from pyro_monteclora.merge import merge
+from pyro_monteclora.export.kohya import kohya_to_peft, peft_to_kohya
+from pyro_monteclora.export.merge import merge
 from pyro_monteclora.testing import tiny_bert, toy_sentiment
 
 # --- runs that fail save nothing ------------------------------------------------------------------
@@ -231,8 +231,8 @@ def test_the_cli_prints_no_library_noise_unless_verbose(ws, capfd, caplog):
 
 
 def test_verbose_reaches_evaluate_and_predict(ws, capsys, monkeypatch):
-    import pyro_monteclora.evaluation as evaluation
-    import pyro_monteclora.predictive as predictive
+    import pyro_monteclora.prediction.evaluation as evaluation
+    import pyro_monteclora.prediction.predictive as predictive
     from transformers.utils import logging as hf_logging
 
     seen = []
@@ -275,8 +275,8 @@ def _interrupt_then(function):
 
 @pytest.mark.parametrize("during", ["write", "swap"])
 def test_ctrl_c_during_a_save_leaves_no_backup(ws, tmp_path, monkeypatch, during):
-    import pyro_monteclora.io_atomic as io_atomic
-    import pyro_monteclora.io_save as io_save
+    import pyro_monteclora.io.atomic as io_atomic
+    import pyro_monteclora.io.save as io_save
 
     mc = MonteCLoRA.from_model(tiny_bert(), lora_r=4)
     folder = tmp_path / "adapter"
@@ -296,7 +296,7 @@ def test_ctrl_c_during_a_save_leaves_no_backup(ws, tmp_path, monkeypatch, during
 
 
 def test_ctrl_c_during_the_cli_save(ws, capsys, monkeypatch):
-    import pyro_monteclora.io_save as io_save
+    import pyro_monteclora.io.save as io_save
 
     monkeypatch.setattr(io_save, "save_file", _interrupt_then(io_save.save_file))
     code, out, err = _cli(capsys, "train", "--model", ws / "base", "--data", ws / "good.jsonl", "--output-dir",

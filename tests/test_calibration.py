@@ -84,3 +84,24 @@ def test_rank_correlation_matches_scipy_with_ties():
     assert rank_correlation(x, -x) == pytest.approx(-1.0)
     with pytest.raises(ValueError, match="constant"):
         rank_correlation(torch.ones(5), torch.arange(5.0))
+
+
+def test_fit_temperature_recovers_a_known_over_confidence():
+    """Labels drawn from softmax(z); the model says softmax(3 z): the fitted temperature is 3.
+
+    The fitted T from n = 20000 draws varies by 1.6% (its spread over 8 data seeds: 2.92 to 3.04),
+    so 5% is about 3 standard errors; T = 1 on honest probabilities.
+    """
+    from pyro_monteclora.calibration import fit_temperature, temperature_scale
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(20000, 4, generator=generator)
+    labels = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator).squeeze(-1)
+    confident = torch.softmax(3 * logits, -1)
+    assert fit_temperature(confident, labels) == pytest.approx(3.0, rel=0.05)
+    assert fit_temperature(torch.softmax(logits, -1), labels) == pytest.approx(1.0, rel=0.05)
+    scaled = temperature_scale(confident, 3.0)
+    assert torch.allclose(scaled, torch.softmax(logits, -1), atol=1e-5)
+    assert torch.equal(scaled.argmax(-1), confident.argmax(-1))  # the ranking, so the accuracy, is kept
+    with pytest.raises(ValueError, match="temperature must be a positive number"):
+        temperature_scale(confident, 0.0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pyro_monteclora import MonteCLoRA
-from pyro_monteclora.generation import extract_answer, generate_answers
+from pyro_monteclora.prediction.generation import extract_answer, generate_answers
 from pyro_monteclora.testing import tiny_llama, toy_tokenizer
 
 CHOICES = ["answer1", "answer2", "answer3", "answer4"]

@@ -68,7 +68,7 @@ def test_round_trip_restores_every_tensor_and_the_predictive(make, tmp_path):
 
 
 def test_predictive_with_same_seed_is_identical_after_reload(tmp_path):
-    from pyro_monteclora.predictive import Predictive
+    from pyro_monteclora.prediction.predictive import Predictive
 
     mc = _trained_like(tiny_bert)
     again = load(tiny_bert(), save_pretrained(mc, tmp_path / "a"))
@@ -145,7 +145,7 @@ def test_refuses_foreign_folder_and_replaces_own_output(tmp_path):
 
 
 def test_failed_save_leaves_existing_folder_untouched(tmp_path, monkeypatch):
-    import pyro_monteclora.io_save as io_save
+    import pyro_monteclora.io.save as io_save
 
     mc = _trained_like(tiny_bert)
     folder = save_pretrained(mc, tmp_path / "adapter")
@@ -193,7 +193,7 @@ def test_load_rejects_another_base_model(tmp_path):
 def test_check_writable_probes_an_existing_output_folder_and_refuses_a_dangling_link(tmp_path, monkeypatch):
     import tempfile
 
-    from pyro_monteclora.io_atomic import check_writable
+    from pyro_monteclora.io.atomic import check_writable
 
     out = tmp_path / "out"
     out.mkdir()  # exists and is empty: the checkpoints go inside it, the finished output next to it

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from pyro_monteclora import MonteCLoRA
 from pyro_monteclora.io import save_pretrained
-from pyro_monteclora.kohya import kohya_to_peft, peft_to_kohya
+from pyro_monteclora.export.kohya import kohya_to_peft, peft_to_kohya
 from pyro_monteclora.testing import nonzero_lora_b, tiny_llama
 
 BATCH = {"input_ids": torch.tensor([[1, 5, 7, 3]])}

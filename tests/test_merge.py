@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from pyro_monteclora import MonteCLoRA
 from pyro_monteclora.io import save_pretrained
-from pyro_monteclora.merge import merge
+from pyro_monteclora.export.merge import merge
 from pyro_monteclora.testing import TOY_WORDS, nonzero_lora_b, tiny_bert, tiny_llama, toy_tokenizer
 
 BATCH = {"input_ids": torch.tensor([[2, 5, 7, 3]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}

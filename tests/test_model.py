@@ -199,7 +199,7 @@ def test_causal_lm_logits_on_answer_positions_only_give_the_same_elbo(word_token
     """The LM head on the answer positions (logits_to_keep) scores exactly as full logits do."""
     from pyro_monteclora.testing import tiny_llama
     from pyro_monteclora.train import ELBOLoss
-    from pyro_monteclora.train.data import examples_dataset
+    from pyro_monteclora.train.batches import examples_dataset
 
     rows = [{"prompt": "the good is", "completion": "bad"}, {"prompt": "is", "completion": "the good bad is"}]
     values = {}
@@ -221,9 +221,9 @@ def test_causal_lm_logits_on_answer_positions_only_give_the_same_elbo(word_token
 
 
 def test_candidate_scoring_on_answer_positions_only_equals_full_logits(word_tokenizer):
-    from pyro_monteclora.predictive import Predictive
+    from pyro_monteclora.prediction.predictive import Predictive
     from pyro_monteclora.testing import tiny_llama
-    from pyro_monteclora.train.data import examples_dataset
+    from pyro_monteclora.train.batches import examples_dataset
 
     rows = [{"prompt": "the good is", "completion": "bad"}, {"prompt": "is", "completion": "the good bad is"}]
     mc = MonteCLoRA.from_model(tiny_llama(vocab_size=16), lora_r=4, sample_scaler=0.5)

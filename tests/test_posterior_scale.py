@@ -7,8 +7,8 @@ import torch
 
 import pyro_monteclora
 from pyro_monteclora import MonteCLoRA
-from pyro_monteclora.posterior_scale import choose_factor, set_sample_scaler, tune_posterior_scale
-from pyro_monteclora.predictive import Predictive
+from pyro_monteclora.prediction.posterior_scale import choose_factor, set_sample_scaler, tune_posterior_scale
+from pyro_monteclora.prediction.predictive import Predictive
 from pyro_monteclora.testing import nonzero_lora_b, tiny_bert, toy_sentiment, toy_tokenizer
 
 
@@ -70,7 +70,7 @@ def test_bad_arguments(bert):
 
 def test_the_automatic_search_on_a_known_curve(monkeypatch):
     """The geometric search on a convex validation curve with its minimum at factor 8."""
-    from pyro_monteclora import posterior_scale
+    from pyro_monteclora.prediction import posterior_scale
 
     calls = []
 

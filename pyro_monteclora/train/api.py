@@ -34,11 +34,11 @@ from transformers import AutoTokenizer, TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
 from ..config import MonteCLoRAConfig
-from ..data import DataLike, load_data, pad_token_id, split_data
+from ..data.tokenize import DataLike, load_data, pad_token_id, split_data
 from ..monteclora import MonteCLoRA, device_of
 from ..quiet import quiet
 from .checkpoints import latest_checkpoint
-from .data import ExampleCollator, ExamplesDataset, tokenize_for
+from .batches import ExampleCollator, ExamplesDataset, tokenize_for
 from .run import Recorder, RunTrainer, check_trained, evaluate_mean, training_arguments
 
 __all__ = ["train", "TrainResult", "evaluate_mean"]
@@ -117,7 +117,7 @@ def train(
     base_config = model.monteclora_config if isinstance(model, MonteCLoRA) else MonteCLoRAConfig()
     config = (config or base_config).replace(**overrides)
     if config.output_dir:  # refuse a folder we may not write (a file, an unwritable parent) before training
-        from ..io_atomic import check_writable
+        from ..io.atomic import check_writable
 
         check_writable(config.output_dir, overwrite=False)
     resume = _resume_path(resume_from_checkpoint, config)

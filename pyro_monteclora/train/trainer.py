@@ -38,7 +38,7 @@ Example:
     >>> from transformers import TrainingArguments
     >>> from pyro_monteclora import MonteCLoRA, MonteCLoRATrainer
     >>> from pyro_monteclora.testing import tiny_bert, toy_tokenizer, toy_sentiment
-    >>> from pyro_monteclora.train.data import examples_dataset
+    >>> from pyro_monteclora.train.batches import examples_dataset
     >>> tokenizer = toy_tokenizer(["the", "is", "good", "bad"])
     >>> mc = MonteCLoRA.from_model(tiny_bert(vocab_size=8), lora_r=4)
     >>> data, collator = examples_dataset(mc, toy_sentiment(16), tokenizer, max_length=16)

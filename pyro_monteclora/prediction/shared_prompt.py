@@ -1,0 +1,253 @@
+"""The shared-prompt engine: K continuations of one context scored on one pass of the context.
+
+Candidates usually share most of their tokens (a question and its answers): the network runs
+once on the context and the part the candidates share (with a KV cache, per draw), then only on
+each candidate's remaining tokens, and computes the LM head only where a scored token is
+predicted. The scores equal those of one full forward pass per candidate (tested); K-way scoring
+costs about one pass of the context. Groups are batched longest first (as lm-eval sorts its
+requests), so a batch wastes little on padding; results come back in the caller's order.
+
+Used by :mod:`.scoring` (``multiple_choice``), :mod:`.choices` (lm-eval-style rows) and the
+lm-eval model (:mod:`.harness`).
+
+Example:
+    >>> import torch
+    >>> from pyro_monteclora import MonteCLoRA
+    >>> from pyro_monteclora.data.tokenize import encode_context_continuation
+    >>> from pyro_monteclora.prediction.predictive import Predictive
+    >>> from pyro_monteclora.testing import CharTokenizer, tiny_llama
+    >>> mc = MonteCLoRA.from_model(tiny_llama(), lora_r=4)
+    >>> examples = encode_context_continuation(CharTokenizer(), ["Sky?", "Sky?", "Sky?", "Ice?"],
+    ...                                        [" red", " blue", " grey", " cold"])
+    >>> scores = ragged_candidate_scores(Predictive(mc, num_samples=2, seed=0), examples, [3, 1], 0, 8)
+    >>> scores.shape, bool(torch.isneginf(scores[:, 1, 1:]).all())     # row 2 has one candidate
+    (torch.Size([2, 2, 3]), True)
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Optional, Sequence, Union
+
+import torch
+
+from ..data.tokenize import batches
+from ..layers import noise_context
+from ..models.likelihood import IGNORE_INDEX
+from ..models.model import supports_logits_to_keep
+from ..monteclora import device_of
+from .draws import eval_mode, repeat_rows
+from .predictive import Predictive
+
+__all__ = [
+    "ragged_candidate_scores",
+    "candidate_scores",
+    "network_candidate_scores",
+    "shared_prompt_scores",
+    "sample_scores",
+    "cache_argument",
+    "shared_length",
+]
+
+
+def sample_scores(predictive: Predictive, examples: list[dict], pad_id: int, batch_size: int) -> torch.Tensor:
+    """Per-draw sequence log-likelihoods ``(S, n)`` by full forward passes (no cache), batch by batch."""
+    parts = [predictive.sample_sequence_log_likelihood(b) for b in batches(examples, pad_id, batch_size)]
+    return torch.cat(parts, dim=1)
+
+
+def ragged_candidate_scores(
+    predictive: Predictive, examples: list[dict], counts: Sequence[int], pad_id: int, batch_size: int,
+    share_prompt: bool = True, return_greedy: bool = False,
+) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Per-draw sequence log-likelihoods ``(S, n, K_max)`` of prompts with ``counts[i]`` candidates each.
+
+    ``examples`` are prompt-major (the candidates of prompt 0, then of prompt 1, ...). A prompt
+    with fewer than ``K_max`` candidates is padded by repeating its last one, whose extra scores
+    are set to ``-inf``: probability 0 after :func:`~pyro_monteclora.prediction.draws.normalize_per_draw`.
+    With ``return_greedy`` also the greedy flags ``(S, n, K_max)`` (``False`` where absent).
+    """
+    if not counts or min(counts) < 1:
+        raise ValueError(f"every prompt needs at least one candidate, got counts {sorted(set(counts))}")
+    if len(examples) != sum(counts):
+        raise ValueError(f"got {len(examples)} examples for {sum(counts)} candidates")
+    k = max(counts)
+    padded, start = [], 0
+    for count in counts:
+        group = examples[start : start + count]
+        padded.extend(group + [group[-1]] * (k - count))
+        start += count
+    out = candidate_scores(predictive, padded, k, pad_id, batch_size, share_prompt, return_greedy)
+    scores, greedy = out if return_greedy else (out, None)
+    absent = torch.arange(k, device=scores.device)[None, :] >= torch.tensor(counts, device=scores.device)[:, None]
+    scores = scores.masked_fill(absent, float("-inf"))
+    return (scores, greedy & ~absent) if return_greedy else scores
+
+
+def candidate_scores(
+    predictive: Predictive, examples: list[dict], k: int, pad_id: int, batch_size: int, share_prompt: bool = True,
+    return_greedy: bool = False,
+) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    """Per-draw sequence log-likelihoods ``(S, n, K)`` of ``n * K`` scored examples (prompt-major).
+
+    With ``return_greedy`` also the greedy flags ``(S, n, K)`` (the shared-prompt path only).
+    """
+    network = predictive.monteclora.network
+    groups = [examples[i : i + k] for i in range(0, len(examples), k)]
+    prefixes = [shared_length([e["input_ids"] for e in group]) for group in groups]
+    if not share_prompt or cache_argument(network) is None or min(prefixes) < 1:
+        if return_greedy:
+            raise ValueError("greedy flags need the shared-prompt path: a causal LM that takes a KV cache and "
+                             "position_ids, and share_prompt=True")
+        scores = sample_scores(predictive, examples, pad_id, batch_size)
+        return scores.reshape(scores.shape[0], len(groups), k)
+    order = sorted(range(len(groups)), key=lambda i: -max(len(e["input_ids"]) for e in groups[i]))
+    per_batch = max(1, batch_size // k)
+    scores, flags = [], []
+    with eval_mode(predictive.monteclora), torch.no_grad():
+        for start in range(0, len(order), per_batch):
+            chosen = order[start : start + per_batch]
+            chunk, lengths = [groups[i] for i in chosen], [prefixes[i] for i in chosen]
+            noise = predictive.draw_noise()  # one set of S adapters for the prompt and the candidates
+            if noise is None:
+                part = shared_prompt_scores(network, chunk, lengths, pad_id, 1)
+            elif predictive.vectorize:
+                with noise_context(predictive.monteclora.groups, noise):
+                    part = shared_prompt_scores(network, chunk, lengths, pad_id, predictive.num_samples)
+            else:
+                draws = []
+                for s in range(predictive.num_samples):
+                    with noise_context(predictive.monteclora.groups, {g: v[s] for g, v in noise.items()}):
+                        draws.append(shared_prompt_scores(network, chunk, lengths, pad_id, 1))
+                part = (torch.cat([d[0] for d in draws]), torch.cat([d[1] for d in draws]))
+            scores.append(part[0])
+            flags.append(part[1])
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(len(order))
+    inverse = inverse.to(scores[0].device)
+    out = torch.cat(scores, dim=1).index_select(1, inverse)
+    return (out, torch.cat(flags, dim=1).index_select(1, inverse)) if return_greedy else out
+
+
+@torch.no_grad()
+def network_candidate_scores(
+    network: Any, examples: list[dict], k: int, pad_id: int, batch_size: int = 16, repeats: int = 1
+) -> torch.Tensor:
+    """Sequence log-likelihoods ``(repeats, n, K)`` of scored examples under any causal LM.
+
+    For networks that are not a :class:`~pyro_monteclora.MonteCLoRA` (a plain peft LoRA model,
+    another method's adapter): the same shared-prompt computation as :func:`candidate_scores`,
+    the batch run ``repeats`` times (for MC dropout: the caller puts dropout in training mode,
+    and every repeat gets its own masks; the K candidates of a prompt share the prompt's mask).
+    Modes are the caller's.
+    """
+    groups = [examples[i : i + k] for i in range(0, len(examples), k)]
+    prefixes = [shared_length([e["input_ids"] for e in group]) for group in groups]
+    if cache_argument(network) is None or min(prefixes) < 1:
+        raise ValueError("network_candidate_scores needs a causal LM that takes a KV cache and position_ids")
+    per_batch = max(1, batch_size // k)
+    parts = [
+        shared_prompt_scores(network, groups[i : i + per_batch], prefixes[i : i + per_batch], pad_id, repeats)[0]
+        for i in range(0, len(groups), per_batch)
+    ]
+    return torch.cat(parts, dim=1)
+
+
+def cache_argument(network: Any) -> Optional[str]:
+    """The name under which the LM's ``forward`` takes a KV cache (transformers 5.2x: ``cache``,
+    before: ``past_key_values``), or ``None`` if it takes none (or no ``position_ids``)."""
+    base = network.get_base_model() if hasattr(network, "get_base_model") else network
+    parameters = inspect.signature(base.forward).parameters
+    if "position_ids" not in parameters:
+        return None
+    return next((name for name in ("cache", "past_key_values") if name in parameters), None)
+
+
+def shared_length(sequences: list[list[int]]) -> int:
+    """Tokens all sequences share at their start, keeping at least one own token in each."""
+    shortest = min(len(s) for s in sequences)
+    length = 0
+    while length < shortest - 1 and all(s[length] == sequences[0][length] for s in sequences):
+        length += 1
+    return length
+
+
+def shared_prompt_scores(
+    network: Any, groups: list[list[dict]], prefixes: list[int], pad_id: int, draws: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores and greedy flags ``(draws, prompts, K)``: the shared prefix (left-padded, cached), then each rest.
+
+    The rows are repeated ``draws`` times (sample-major): an open noise context holds ``draws``
+    adapters, or one (``draws = 1``). ``greedy[s, i, j]``: under draw ``s`` every scored token of
+    candidate ``j`` is the argmax of its position's distribution (lm-eval's ``is_greedy``).
+    """
+    device = device_of(network)
+    b, k, width = len(groups), len(groups[0]), max(prefixes)
+    ids = torch.full((b, width), pad_id, dtype=torch.long)
+    mask = torch.zeros(b, width, dtype=torch.long)
+    keep, keep_valid, targets = [], [], []
+    for i, (group, length) in enumerate(zip(groups, prefixes)):
+        offset = width - length
+        ids[i, offset:] = torch.tensor(group[0]["input_ids"][:length])
+        mask[i, offset:] = 1
+        labels = group[0]["labels"]
+        scored = [j for j in range(1, length) if labels[j] != IGNORE_INDEX]
+        keep.append([offset + j - 1 for j in scored] + [width - 1])  # the last one predicts each candidate's own start
+        targets.append([group[0]["input_ids"][j] for j in scored])
+    m = max(len(p) for p in keep)
+    keep_valid = torch.tensor([[True] * (len(p) - 1) + [False] * (m - len(p)) + [False] for p in keep])
+    positions = torch.tensor([p[:-1] + [p[-1]] * (m - len(p)) + [p[-1]] for p in keep])  # last column: width - 1
+    target_ids = torch.tensor([t + [0] * (m - 1 - len(t)) + [0] for t in targets])
+    position_ids = (mask.cumsum(1) - 1).clamp_min(0)
+    inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids}
+    inputs = {key: value.to(device) for key, value in repeat_rows(inputs, draws).items()}
+    positions, keep_valid, target_ids = (t.to(device) for t in (positions, keep_valid, target_ids))
+    rows_positions = positions.repeat(draws, 1)
+    logits_on = supports_logits_to_keep(network)
+    out = network(**inputs, use_cache=True, **({"logits_to_keep": rows_positions} if logits_on else {}))
+    logits = out.logits if logits_on else out.logits.gather(
+        1, rows_positions[..., None].expand(-1, -1, out.logits.shape[-1])
+    )
+    log_probs = torch.log_softmax(logits.float(), dim=-1).reshape(draws, b, m, -1)
+    picked = log_probs.gather(-1, target_ids.expand(draws, b, m)[..., None]).squeeze(-1)
+    shared = (picked * keep_valid).sum(-1)  # (draws, b)
+    shared_greedy = ((log_probs.argmax(-1) == target_ids) | ~keep_valid).all(-1)  # (draws, b)
+    first = log_probs[:, :, -1]  # (draws, b, V): predicts the first token of each candidate's own part
+
+    rests = [[e["input_ids"][length:] for e in group] for group, length in zip(groups, prefixes)]
+    scored = [[[e["labels"][j] != IGNORE_INDEX for j in range(length, len(e["input_ids"]))] for e in group]
+              for group, length in zip(groups, prefixes)]
+    rest_width = max(len(r) for rest in rests for r in rest)
+    rest_ids = torch.full((b, k, rest_width), pad_id, dtype=torch.long)
+    rest_mask = torch.zeros(b, k, rest_width, dtype=torch.long)
+    rest_scored = torch.zeros(b, k, rest_width, dtype=torch.bool)
+    for i in range(b):
+        for j in range(k):
+            rest = rests[i][j]
+            rest_ids[i, j, : len(rest)] = torch.tensor(rest)
+            rest_mask[i, j, : len(rest)] = 1
+            rest_scored[i, j, : len(rest)] = torch.tensor(scored[i][j])
+    rest_ids, rest_mask, rest_scored = (t.to(device) for t in (rest_ids, rest_mask, rest_scored))
+    first_scores = first.gather(-1, rest_ids[None, :, :, 0].expand(draws, b, k)) * rest_scored[None, :, :, 0]
+    greedy = shared_greedy[..., None] & ((first.argmax(-1)[..., None] == rest_ids[None, :, :, 0]) | ~rest_scored[None, :, :, 0])
+    if rest_width == 1:  # each candidate's own part is one token, scored from the prompt pass
+        return shared[..., None] + first_scores, greedy
+    argument = cache_argument(network)
+    cache = out[argument]
+    cache.batch_repeat_interleave(k)  # rows (draw, prompt) -> (draw, prompt, candidate)
+    prefix_mask = inputs["attention_mask"].repeat_interleave(k, dim=0)
+    start = torch.tensor(prefixes, device=device)[:, None, None] + torch.arange(rest_width, device=device)
+    rest_inputs = {  # the last token is input too (its logits go unused): no candidate has an empty input
+        "input_ids": rest_ids.reshape(b * k, rest_width).repeat(draws, 1),
+        "attention_mask": torch.cat([prefix_mask, rest_mask.reshape(b * k, rest_width).repeat(draws, 1)], dim=1),
+        "position_ids": start.expand(b, k, rest_width).reshape(b * k, rest_width).repeat(draws, 1),
+    }
+    rest_logits = network(**rest_inputs, **{argument: cache}, use_cache=True).logits
+    rest_log_probs = torch.log_softmax(rest_logits[:, :-1].float(), dim=-1).reshape(draws, b, k, rest_width - 1, -1)
+    following = rest_ids[:, :, 1:].expand(draws, b, k, rest_width - 1)
+    rest_picked = rest_log_probs.gather(-1, following[..., None]).squeeze(-1)
+    rest_scores = (rest_picked * rest_scored[None, :, :, 1:]).sum(-1)
+    greedy &= ((rest_log_probs.argmax(-1) == following) | ~rest_scored[None, :, :, 1:]).all(-1)
+    return shared[..., None] + first_scores + rest_scores, greedy
+
+

@@ -1,0 +1,68 @@
+"""Tokenized examples as the dataset and collator of a ``Trainer``.
+
+Examples are tokenized once, before training (not per epoch). Each item is a dict of the
+model inputs, the label(s) and ``index``, the example's position in the training set (the
+subsample of the ELBO's data plate).
+
+Example:
+    >>> from pyro_monteclora import MonteCLoRA
+    >>> from pyro_monteclora.testing import tiny_bert, toy_tokenizer, toy_sentiment
+    >>> mc = MonteCLoRA.from_model(tiny_bert(vocab_size=8), lora_r=4)
+    >>> data, collate = examples_dataset(mc, toy_sentiment(4), toy_tokenizer(["the", "is", "good", "bad"]), 16)
+    >>> sorted(collate([data[0], data[1]]))
+    ['attention_mask', 'index', 'input_ids', 'labels', 'token_type_ids']
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from datasets import Dataset
+
+from ..data.tokenize import Collator, pad_token_id, tokenize_causal_lm, tokenize_classification
+from ..monteclora import MonteCLoRA
+
+__all__ = ["ExamplesDataset", "ExampleCollator", "examples_dataset", "tokenize_for"]
+
+
+class ExamplesDataset(torch.utils.data.Dataset):
+    """Tokenized examples; item ``i`` is the example's dict with ``index = i``."""
+
+    def __init__(self, examples: list[dict[str, Any]]) -> None:
+        self.examples = examples
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {**self.examples[index], "index": index}
+
+
+@dataclass
+class ExampleCollator:
+    """Pads a list of :class:`ExamplesDataset` items into a batch (labels, ``index`` included)."""
+
+    pad_token_id: int
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return Collator(self.pad_token_id)([(item["index"], item) for item in items])
+
+
+def tokenize_for(monteclora: MonteCLoRA, data: Dataset, tokenizer: Any, max_length: int) -> list[dict]:
+    """Tokenize ``data`` for the model's task (classification labels checked against its head)."""
+    if monteclora.task == "classification":
+        config = monteclora.network.config
+        return tokenize_classification(data, tokenizer, max_length, config.num_labels, getattr(config, "label2id", None))
+    return tokenize_causal_lm(data, tokenizer, max_length)
+
+
+def examples_dataset(
+    monteclora: MonteCLoRA, data: Any, tokenizer: Any, max_length: int
+) -> tuple[ExamplesDataset, ExampleCollator]:
+    """Tokenize ``data`` (any form :func:`pyro_monteclora.data.load_data` accepts) once."""
+    from ..data.tokenize import load_data
+
+    examples = tokenize_for(monteclora, load_data(data), tokenizer, max_length)
+    return ExamplesDataset(examples), ExampleCollator(pad_token_id(tokenizer))
