@@ -37,7 +37,7 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -263,6 +263,41 @@ def peft_model(seed: int, variant: bool, model: Any = None, causal_lm: bool = Fa
     return get_peft_model(model, config)
 
 
+def adamw_epochs(model: Any, loader: DataLoader, loss_of: Callable[[Any, dict], torch.Tensor], optimizer: Any,
+                 scheduler: Any, epochs: int, variant: bool = False,
+                 on_epoch: Optional[Callable[[Any, int, float], None]] = None, device: Any = None,
+                 on_step: Optional[Callable[[Any, int], None]] = None) -> None:
+    """The one hand-written training step of the benchmarks' peft baselines: ``epochs`` passes over
+    ``loader``, each batch ``loss_of(model, batch)`` (+ peft's MonteCLoRA loss when ``variant``),
+    backward, clipping at ``MAX_GRAD_NORM``, an optimizer and a scheduler step. ``on_epoch(model,
+    epoch, mean loss)`` after each epoch and ``on_step(model, step)`` after each step (they may
+    score; the model is put back in training mode). The model ends in eval mode."""
+    parameters = [p for p in model.parameters() if p.requires_grad]
+    step = 0
+    for epoch in range(epochs):
+        model.train()
+        losses = []
+        for batch in loader:
+            if device is not None:
+                batch = {k: v.to(device) for k, v in batch.items()}
+            loss = loss_of(model, batch)
+            losses.append(float(loss.detach()))
+            if variant:
+                loss = loss + model.base_model._get_monteclora_loss()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(parameters, MAX_GRAD_NORM)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            if on_step is not None:
+                on_step(model, step)
+                model.train()
+        if on_epoch is not None:
+            on_epoch(model, epoch + 1, float(np.mean(losses)))
+    model.eval()
+
+
 def train_peft(task: Task, variant: bool, lr: float, batch_size: int, epochs: int, seed: int) -> Any:
     """Plain peft LoRA (``variant=False``) or peft's MonteCLoRA variant, trained by AdamW."""
     examples = tokenize_classification(task.train, tokenizer(), task.max_length, 2)
@@ -276,19 +311,8 @@ def train_peft(task: Task, variant: bool, lr: float, batch_size: int, epochs: in
         scheduler = get_scheduler(
             "linear", optimizer, num_warmup_steps=math.ceil(WARMUP_RATIO * total), num_training_steps=total
         )
-        model.train()
-        for _ in range(epochs):
-            for batch in loader:
-                logits = model(**_inputs(batch)).logits
-                loss = F.cross_entropy(logits, batch["labels"])
-                if variant:
-                    loss = loss + model.base_model._get_monteclora_loss()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(parameters, MAX_GRAD_NORM)
-                optimizer.step()
-                scheduler.step()
-        model.eval()
+        adamw_epochs(model, loader, lambda m, b: F.cross_entropy(m(**_inputs(b)).logits, b["labels"]), optimizer,
+                     scheduler, epochs, variant)
     return model
 
 

@@ -186,3 +186,17 @@ def test_lm_eval_command_runs_our_model_from_saved_folders(setup, tmp_path, caps
     assert main(["lm-eval", "run", "--model", "monteclora", "--model_args", f"pretrained={base}", "--tasks", TASK,
                  "--include_path", folder, "--device", "cpu"]) == 1
     assert "adapter=" in capsys.readouterr().err
+
+
+def test_network_choice_scores_of_the_peft_network_are_the_mean_adapters(setup):
+    """Any causal LM (here the peft network itself) scored like lm-eval, ragged rows, repeated."""
+    from pyro_monteclora.prediction.choices import network_choice_scores
+
+    mc, tokenizer, _, _ = setup
+    mean = score_choices(mc, ROWS, mode="mean")["sample_log_likelihood"]
+    plain = network_choice_scores(mc.network, ROWS, tokenizer, repeats=2, batch_size=5)
+    assert plain["sample_log_likelihood"].shape == (2, len(ROWS), 5)
+    finite = torch.isfinite(mean[0])
+    assert torch.equal(finite, torch.isfinite(plain["sample_log_likelihood"][1]))
+    for draw in plain["sample_log_likelihood"]:  # eval mode: both repeats are the mean adapter
+        assert torch.allclose(draw[finite], mean[0][finite], atol=1e-4)

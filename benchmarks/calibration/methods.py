@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 
+from ..common import adamw_epochs
 from pyro_monteclora.data import Collator, IndexedExamples, encode_prompt_completion, format_instruction
 from pyro_monteclora.data import tokenize_causal_lm, tokenize_classification
 from pyro_monteclora.examples import load_vader, minilm_path
@@ -173,7 +174,8 @@ def nll_loss(suite: Suite, model: Any, batch: dict) -> torch.Tensor:
 
 
 def train_plain(suite: Suite, rows: list[dict], seed: int, variant: bool = False,
-                on_epoch: Optional[Callable[[Any, int, float], None]] = None) -> tuple[Any, Any]:
+                on_epoch: Optional[Callable[[Any, int, float], None]] = None,
+                on_step: Optional[Callable[[Any, int], None]] = None) -> tuple[Any, Any]:
     """peft LoRA (``variant=False``) or peft's MonteCLoRA variant, by AdamW on the per-example NLL."""
     from peft import LoraConfig, TaskType, get_peft_model
     from peft.tuners.lora.config import MontecloraConfig
@@ -194,23 +196,8 @@ def train_plain(suite: Suite, rows: list[dict], seed: int, variant: bool = False
         total = suite.epochs * len(loader)
         warmup = min(math.ceil(WARMUP_RATIO * total), total - 1)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: lr_lambda(k, warmup, total, "linear"))
-        for epoch in range(suite.epochs):
-            model.train()
-            losses = []
-            for batch in loader:
-                batch = {k: v.to(device_of(model)) for k, v in batch.items()}
-                loss = nll_loss(suite, model, batch)
-                losses.append(float(loss.detach()))
-                if variant:
-                    loss = loss + model.base_model._get_monteclora_loss()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(parameters, MAX_GRAD_NORM)
-                optimizer.step()
-                scheduler.step()
-            if on_epoch is not None:
-                on_epoch(model, epoch + 1, float(np.mean(losses)))
-    model.eval()
+        adamw_epochs(model, loader, lambda m, b: nll_loss(suite, m, b), optimizer, scheduler, suite.epochs, variant,
+                     on_epoch, device_of(model), on_step)
     return model, tokenizer
 
 

@@ -41,9 +41,10 @@ from ..data.choices import check_choice_rows, context, continuations
 from ..data.tokenize import encode_context_continuation, pad_token_id
 from .draws import log_mean_exp, normalize_per_draw, predictive_summary
 from .predictive import Predictive, tokenizer_of
-from .scoring import ragged_candidate_scores
+from .shared_prompt import absent_choices, cache_argument, pad_groups, ragged_candidate_scores, shared_length
+from .shared_prompt import shared_prompt_scores
 
-__all__ = ["score_choices", "choice_predictive", "choice_examples"]
+__all__ = ["score_choices", "choice_predictive", "choice_examples", "network_choice_scores", "choice_lengths"]
 
 
 def choice_examples(tokenizer: Any, rows: list[dict[str, Any]]) -> list[dict[str, list[int]]]:
@@ -78,10 +79,45 @@ def score_choices(
     predictive = Predictive(monteclora, num_samples, seed, mode, vectorize=vectorize)
     scores = ragged_candidate_scores(predictive, choice_examples(tokenizer, rows), counts, pad_token_id(tokenizer),
                                      batch_size)
-    lengths = torch.ones(len(rows), max(counts))
+    return {"sample_log_likelihood": scores.cpu().float(), "choice_lengths": choice_lengths(rows),
+            "labels": torch.tensor([row["label"] for row in rows])}
+
+
+def choice_lengths(rows: list[dict[str, Any]]) -> torch.Tensor:
+    """``(n, K)``: each choice's length in characters (lm-eval's ``acc_norm`` divisor), 1 where absent."""
+    lengths = torch.ones(len(rows), max(len(row["choices"]) for row in rows))
     for i, row in enumerate(rows):
         lengths[i, : len(row["choices"])] = torch.tensor([float(len(c)) for c in row["choices"]])
-    return {"sample_log_likelihood": scores.cpu().float(), "choice_lengths": lengths,
+    return lengths
+
+
+@torch.no_grad()
+def network_choice_scores(
+    network: Any, rows: Iterable[Any], tokenizer: Any, repeats: int = 1, batch_size: int = 16
+) -> dict[str, torch.Tensor]:
+    """:func:`score_choices` for any causal LM that is not a MonteCLoRA (a peft LoRA, another method's adapter).
+
+    The rows are scored as lm-eval scores them, on the shared-prompt engine, the batch run
+    ``repeats`` times (MC dropout, or a method that draws its own noise in every forward pass: each
+    repeat gets its own; a row's context and its choices are two passes). Modes are the caller's.
+    Returns ``sample_log_likelihood`` ``(repeats, n, K)`` (``-inf`` where absent), ``choice_lengths``
+    and ``labels``, as :func:`score_choices`.
+    """
+    rows = check_choice_rows(rows)
+    counts = [len(row["choices"]) for row in rows]
+    padded, k = pad_groups(choice_examples(tokenizer, rows), counts)
+    groups = [padded[i : i + k] for i in range(0, len(padded), k)]
+    prefixes = [shared_length([e["input_ids"] for e in group]) for group in groups]
+    if cache_argument(network) is None:
+        raise ValueError("network_choice_scores needs a causal LM that takes a KV cache and position_ids")
+    per_batch = max(1, batch_size // k)
+    parts = [
+        shared_prompt_scores(network, groups[i : i + per_batch], prefixes[i : i + per_batch], pad_token_id(tokenizer),
+                             repeats)[0]
+        for i in range(0, len(groups), per_batch)
+    ]
+    scores = torch.cat(parts, dim=1).masked_fill(absent_choices(counts, k, parts[0].device), float("-inf"))
+    return {"sample_log_likelihood": scores.cpu().float(), "choice_lengths": choice_lengths(rows),
             "labels": torch.tensor([row["label"] for row in rows])}
 
 
@@ -92,11 +128,12 @@ def choice_predictive(
 
     ``probs``, ``entropy``, ``expected_entropy``, ``mutual_information`` (as
     :class:`~pyro_monteclora.Predictive`), ``log_likelihood`` ``(n, K)`` and
-    ``prediction_norm`` ``(n,)``; see the module docstring for which score each uses.
+    ``prediction_norm`` ``(n,)``; see the module docstring for which score each uses. Float64.
     """
-    per_draw, lengths = scores["sample_log_likelihood"], scores["choice_lengths"]
+    # float64 throughout: summed log-likelihoods give probabilities far below float32's range
+    per_draw, lengths = scores["sample_log_likelihood"].double(), scores["choice_lengths"].double()
     out = predictive_summary(normalize_per_draw(per_draw / lengths if length_normalized else per_draw), return_samples)
     log_likelihood = log_mean_exp(per_draw)
-    out["log_likelihood"] = log_likelihood.float()
+    out["log_likelihood"] = log_likelihood
     out["prediction_norm"] = (log_likelihood / lengths).argmax(-1)
     return out

@@ -45,6 +45,8 @@ __all__ = [
     "network_candidate_scores",
     "shared_prompt_scores",
     "sample_scores",
+    "pad_groups",
+    "absent_choices",
     "cache_argument",
     "shared_length",
 ]
@@ -67,6 +69,17 @@ def ragged_candidate_scores(
     are set to ``-inf``: probability 0 after :func:`~pyro_monteclora.prediction.draws.normalize_per_draw`.
     With ``return_greedy`` also the greedy flags ``(S, n, K_max)`` (``False`` where absent).
     """
+    padded, k = pad_groups(examples, counts)
+    out = candidate_scores(predictive, padded, k, pad_id, batch_size, share_prompt, return_greedy)
+    scores, greedy = out if return_greedy else (out, None)
+    absent = absent_choices(counts, k, scores.device)
+    scores = scores.masked_fill(absent, float("-inf"))
+    return (scores, greedy & ~absent) if return_greedy else scores
+
+
+def pad_groups(examples: list[dict], counts: Sequence[int]) -> tuple[list[dict], int]:
+    """Prompt-major examples with ``counts[i]`` candidates each, padded to ``K = max(counts)`` per prompt
+    by repeating the prompt's last candidate; returns the padded list and ``K``."""
     if not counts or min(counts) < 1:
         raise ValueError(f"every prompt needs at least one candidate, got counts {sorted(set(counts))}")
     if len(examples) != sum(counts):
@@ -77,11 +90,12 @@ def ragged_candidate_scores(
         group = examples[start : start + count]
         padded.extend(group + [group[-1]] * (k - count))
         start += count
-    out = candidate_scores(predictive, padded, k, pad_id, batch_size, share_prompt, return_greedy)
-    scores, greedy = out if return_greedy else (out, None)
-    absent = torch.arange(k, device=scores.device)[None, :] >= torch.tensor(counts, device=scores.device)[:, None]
-    scores = scores.masked_fill(absent, float("-inf"))
-    return (scores, greedy & ~absent) if return_greedy else scores
+    return padded, k
+
+
+def absent_choices(counts: Sequence[int], k: int, device: Any = None) -> torch.Tensor:
+    """``(n, K)``: True where prompt ``i`` has no candidate ``j`` (``j >= counts[i]``)."""
+    return torch.arange(k, device=device)[None, :] >= torch.tensor(list(counts), device=device)[:, None]
 
 
 def candidate_scores(
