@@ -25,6 +25,8 @@ TASKS = ("auto", "classification", "causal_lm")
 SCHEDULERS = ("constant", "linear", "cosine")
 QUANTIZATIONS = (None, "int4", "int8")
 MIXED_PRECISIONS = (None, "bf16", "fp16")
+#: The parameterizations of the posterior: the paper's fixed width, or a width the ELBO learns.
+VARIANTS = ("paper", "learned")
 
 
 @dataclass
@@ -54,6 +56,20 @@ class MonteCLoRAConfig:
         cooperative_weight: weight of the cooperative loss, the mean over adapted layers of
             ``sum_k pi_k**2`` (minimal, 1/N, when all components share the weight equally). The
             paper adds it to the loss; removing it cost 3-4 accuracy points there.
+        variant: ``"paper"``: the paper's draw ``A~ = A + eps * sum_k pi_k z_k`` around a point
+            estimate A, with eps fixed. ``"learned"``: every element of ``A~`` has the prior
+            ``N(0, prior_std^2)`` and the guide draws column ``j`` of ``A~`` as
+            ``A_j + w_j * sum_k pi_k z_k`` with a positive width ``w_j`` per column, learned by the
+            ELBO, whose KL to the prior now depends on it (:mod:`pyro_monteclora.models.width`).
+            The widths start at ``sample_scaler``.
+        prior_std: the prior standard deviation of ``A~``'s elements in the ``"learned"``
+            variant (BLoB's 0.2).
+        guide_learning_rate: the learning rate of the variational parameters (the Wishart scale,
+            the Dirichlet concentrations, the learned widths); ``None``: ``learning_rate``. AdamW
+            moves a parameter by about its learning rate per step, so over a short run at 5e-4 a
+            log-width moves by a few hundredths at most: a width the ELBO is to learn needs a
+            larger rate (BLoB gives its KL step its own optimizer for the same reason). Used by
+            :func:`pyro_monteclora.train`.
         column_prior: give every column of ``A~`` the prior ``N(0, s^2 I_r)`` with one scale ``s``
             per layer set by empirical Bayes, so that the ELBO's KL rewards a wider posterior
             (:mod:`pyro_monteclora.models.column_prior`). Off in the paper and by default: its
@@ -119,6 +135,8 @@ class MonteCLoRAConfig:
     cooperative_weight: float = field(
         default=1.0, metadata={"help": "Weight of the cooperative loss mean(sum_k pi_k^2)."}
     )
+    variant: str = field(default="paper", metadata={"help": "paper (fixed width eps) or learned (the ELBO learns a width per column)."})
+    prior_std: float = field(default=0.2, metadata={"help": "Prior std of A~'s elements in the learned variant."})
     column_prior: bool = field(
         default=False, metadata={"help": "Prior N(0, s^2 I) on A~'s columns, s by empirical Bayes (ELBO rewards width)."}
     )
@@ -131,6 +149,9 @@ class MonteCLoRAConfig:
     task: str = field(default="auto", metadata={"help": "classification, causal_lm or auto."})
     # --- training --------------------------------------------------------------------------
     learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate."})
+    guide_learning_rate: Optional[float] = field(
+        default=None, metadata={"help": "Learning rate of the variational parameters (None: learning_rate)."}
+    )
     num_epochs: int = field(default=3, metadata={"help": "Passes over the training data."})
     batch_size: int = field(default=16, metadata={"help": "Examples per micro-batch and process."})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
@@ -174,7 +195,16 @@ class MonteCLoRAConfig:
             raise ValueError(f"gradient_checkpointing must be None, True or False, got {self.gradient_checkpointing!r}")
         if self.mixed_precision not in MIXED_PRECISIONS:
             raise ValueError(f"mixed_precision must be one of {MIXED_PRECISIONS}, got {self.mixed_precision!r}")
-        _positive(self, "lora_alpha", "sample_scaler", "dirichlet_concentration", "learning_rate")
+        _positive(self, "lora_alpha", "sample_scaler", "dirichlet_concentration", "learning_rate", "prior_std")
+        if self.guide_learning_rate is not None and not (isinstance(self.guide_learning_rate, (int, float))
+                                                         and not isinstance(self.guide_learning_rate, bool)
+                                                         and self.guide_learning_rate > 0):
+            raise ValueError(f"guide_learning_rate must be a positive number or None, got {self.guide_learning_rate!r}")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        if self.variant == "learned" and self.column_prior:
+            raise ValueError("column_prior=True is a prior of the 'paper' variant; the 'learned' variant has its own "
+                             "prior N(0, prior_std^2) on A~: use one or the other")
         _non_negative(self, "kl_weight", "cooperative_weight", "weight_decay")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
@@ -242,7 +272,8 @@ class MonteCLoRAConfig:
             0.005
         """
         paper = dict(num_components=4, sample_scaler=5e-3, kl_weight=1.0, cooperative_weight=1.0,
-                     dirichlet_concentration=1.0, wishart_df=None, collapse_components=False, column_prior=False)
+                     dirichlet_concentration=1.0, wishart_df=None, collapse_components=False, column_prior=False,
+                     variant="paper")
         return cls(**{**paper, **overrides})
 
     @classmethod

@@ -104,6 +104,8 @@ class MonteCLoRA(nn.Module):
         self.tokenizer = tokenizer
         self.model = MonteCLoRAModel(network, groups, config, task)
         self.guide = MonteCLoRAGuide(groups, config)
+        if config.variant == "learned":
+            self.model.widths = self.guide.widths  # the noise's width is a variational parameter
 
     @classmethod
     def from_model(
@@ -186,7 +188,7 @@ class MonteCLoRA(nn.Module):
         return network + list(self.guide.parameters())
 
     def num_extra_parameters(self) -> int:
-        """Parameters MonteCLoRA adds to plain LoRA: ``r + N`` per adapted layer."""
+        """Parameters MonteCLoRA adds to plain LoRA: ``r + N`` per adapted layer (``+ d``: the learned variant's widths)."""
         return sum(p.numel() for p in self.guide.parameters())
 
     def _inputs(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

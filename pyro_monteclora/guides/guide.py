@@ -56,11 +56,18 @@ class GroupPosterior(nn.Module):
         self.log_concentration = nn.Parameter(
             torch.full((layers, config.num_components), math.log(config.dirichlet_concentration))
         )
+        if config.variant == "learned":  # the columns' widths w (models/width.py), started at epsilon
+            self.log_width = nn.Parameter(torch.full((layers, group.in_features), math.log(config.sample_scaler)))
 
     @property
     def scale_diag(self) -> torch.Tensor:
         """Diagonal ``v`` of the Wishart scale matrix, ``(layers, r)``."""
         return self.log_scale_diag.exp()
+
+    @property
+    def width(self) -> "torch.Tensor | None":
+        """The columns' widths ``w``, ``(layers, d)``, of the ``"learned"`` variant (``None``: the paper's)."""
+        return self.log_width.exp() if hasattr(self, "log_width") else None
 
     @property
     def concentration(self) -> torch.Tensor:
@@ -90,3 +97,8 @@ class MonteCLoRAGuide(nn.Module):
 
     def forward(self, batch: Any = None, dataset_size: Optional[int] = None, hold: Any = None) -> dict[str, tuple]:
         return {name: posterior() for name, posterior in self.posteriors.items()}
+
+    def widths(self) -> Optional[dict[str, torch.Tensor]]:
+        """Each group's column widths (the ``"learned"`` variant), or ``None`` (the paper's fixed epsilon)."""
+        found = {name: posterior.width for name, posterior in self.posteriors.items()}
+        return None if any(w is None for w in found.values()) else found

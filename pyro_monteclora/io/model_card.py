@@ -19,6 +19,8 @@ __all__ = ["model_card"]
 
 LORA_FIELDS = ("lora_r", "lora_alpha", "lora_dropout", "target_modules", "modules_to_save")
 MONTECLORA_FIELDS = (
+    "variant",
+    "prior_std",
     "num_components",
     "sample_scaler",
     "kl_weight",

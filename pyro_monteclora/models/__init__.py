@@ -5,6 +5,7 @@ from .likelihood import IGNORE_INDEX, OBSERVATION_SITE, causal_lm_likelihood, cl
 from .model import MonteCLoRAModel
 from .noise import adapter_noise
 from .prior import GroupPrior, site_names
+from .width import width_kl
 
 __all__ = [
     "MonteCLoRAModel",
@@ -12,6 +13,7 @@ __all__ = [
     "adapter_noise",
     "column_prior_kl",
     "column_prior_scale",
+    "width_kl",
     "site_names",
     "classification_likelihood",
     "causal_lm_likelihood",

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 from torch import nn
@@ -87,11 +87,21 @@ class MonteCLoRAModel(nn.Module):
             }
         )
         self.likelihood = classification_likelihood if task == "classification" else causal_lm_likelihood
+        #: The ``"learned"`` variant's column widths, ``{group: (layers, d)}``, read from the guide at
+        #: every draw (set by :class:`~pyro_monteclora.MonteCLoRA`); ``None``: the paper's fixed epsilon.
+        self.widths: Optional[Callable[[], Optional[dict[str, torch.Tensor]]]] = None
 
     def noise(self, latents: Mapping[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        """Noise on A per group from ``{group: (covariance_tril, weights, components)}``."""
+        """Noise on A per group from ``{group: (covariance_tril, weights, components)}``.
+
+        Scaled by epsilon, or column by column by the guide's widths in the ``"learned"`` variant.
+        """
+        widths = self.widths() if self.widths is not None else None
         return {
-            name: adapter_noise(tril, weights, components, self.sample_scaler, self.collapsed)
+            name: adapter_noise(
+                tril, weights, components,
+                self.sample_scaler if widths is None else widths[name].to(tril.dtype).unsqueeze(-2), self.collapsed,
+            )
             for name, (tril, weights, components) in latents.items()
         }
 

@@ -16,6 +16,8 @@ Example:
 
 from __future__ import annotations
 
+from typing import Union
+
 import torch
 
 __all__ = ["adapter_noise"]
@@ -25,7 +27,7 @@ def adapter_noise(
     covariance_tril: torch.Tensor,
     weights: torch.Tensor,
     components: torch.Tensor,
-    scaler: float,
+    scaler: Union[float, torch.Tensor],
     collapsed: bool = False,
 ) -> torch.Tensor:
     """Noise ``(..., layers, r, d)`` for ``A`` from one group's latents.
@@ -35,7 +37,8 @@ def adapter_noise(
         weights: ``(..., layers, N)`` mixture weights on the simplex.
         components: ``(..., layers, N, d, r)`` standard normal draws, or ``(..., layers, d, r)``
             when ``collapsed``.
-        scaler: epsilon.
+        scaler: epsilon, or a tensor broadcast against the ``(..., layers, r, d)`` noise (the
+            ``"learned"`` variant's column widths, ``(layers, 1, d)``).
         collapsed: whether ``components`` holds one draw per column (see module docstring).
     """
     if collapsed:

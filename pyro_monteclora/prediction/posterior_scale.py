@@ -139,6 +139,10 @@ def tune_posterior_scale(
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
     if not tolerance >= 0:
         raise ValueError(f"tolerance must be a non-negative number of nats, got {tolerance!r}")
+    if monteclora.monteclora_config.variant != "paper":
+        raise ValueError("tune_posterior_scale scales the paper variant's fixed epsilon; the 'learned' variant's "
+                         "widths are set by the ELBO (fit a temperature on top instead: "
+                         "pyro_monteclora.calibration.fit_temperature)")
     trained = float(monteclora.monteclora_config.sample_scaler)
     tried: dict[float, tuple[float, float]] = {}
 

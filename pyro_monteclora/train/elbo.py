@@ -5,7 +5,8 @@ returns :class:`LossTerms`, all *per training example* (divided by ``dataset_siz
 
     nll          = -E_q[log p(data | A~)]           (one draw; minibatch scaled to the dataset)
     kl           = sum over latent sites of KL(q || p)   (analytic: Wishart, Dirichlet, N(0, 1)),
-                   plus, with the column prior, the KL of A~'s columns at the draw's (Sigma, pi)
+                   plus, with the column prior or the "learned" variant, the KL of A~'s columns at the
+                   draw's (Sigma, pi) (models/column_prior.py, models/width.py)
     cooperative  = mean over adapted layers of sum_k pi_k^2    (pi drawn from the guide)
     loss         = (nll + kl_weight * kl) + cooperative_weight * cooperative
 
@@ -38,6 +39,7 @@ from torch import nn
 from torch.distributions import kl_divergence
 
 from ..models.column_prior import column_prior_kl
+from ..models.width import width_kl
 from ..models.precision import float32
 
 __all__ = ["ELBOLoss", "LossTerms", "cooperative_loss"]
@@ -77,6 +79,8 @@ class ELBOLoss(nn.Module):
         column_prior: add the KL of the prior on A~'s columns
             (:mod:`pyro_monteclora.models.column_prior`) to ``kl``; needs a
             :class:`~pyro_monteclora.models.model.MonteCLoRAModel`.
+        prior_std: the ``"learned"`` variant (:mod:`pyro_monteclora.models.width`): add the KL of
+            ``A~`` (its columns' widths from the guide) to the prior ``N(0, prior_std^2)``.
     """
 
     def __init__(
@@ -87,6 +91,7 @@ class ELBOLoss(nn.Module):
         cooperative_weight: float = 1.0,
         weight_sites: Optional[tuple[str, ...]] = None,
         column_prior: bool = False,
+        prior_std: Optional[float] = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -95,6 +100,7 @@ class ELBOLoss(nn.Module):
         self.cooperative_weight = cooperative_weight
         self.weight_sites = weight_sites
         self.column_prior = column_prior
+        self.prior_std = prior_std
 
     def forward(self, batch: Mapping[str, torch.Tensor], dataset_size: int, hold: Optional[Any] = None) -> LossTerms:
         """The terms for one minibatch and one draw.
@@ -153,7 +159,7 @@ class ELBOLoss(nn.Module):
                 self.weight_sites is not None and name in self.weight_sites
             ):
                 weights.append(site["value"])
-        if self.column_prior:
+        if self.column_prior or self.prior_std is not None:
             kl = kl + self._column_kl(guide_trace)
         kl = torch.as_tensor(kl, device=like.device, dtype=torch.float32) / dataset_size
         cooperative = cooperative_loss(weights) if weights else torch.zeros_like(kl)
@@ -161,19 +167,23 @@ class ELBOLoss(nn.Module):
 
 
     def column_parameters(self) -> list[torch.nn.Parameter]:
-        """The tensors the column prior's KL reaches besides the guide's: the layers' A factors."""
-        if not self.column_prior:
+        """The tensors the column KL (column prior or learned width) reaches besides the guide's: the A factors."""
+        if not self.column_prior and self.prior_std is None:
             return []
         return [m.weight for modules in self.model.lora_a_modules.values() for m in modules]
 
     def _column_kl(self, guide_trace: poutine.Trace) -> torch.Tensor:
-        """The column prior's KL summed over every layer, at the guide trace's (Sigma, pi)."""
+        """The KL of A~'s columns summed over every layer, at the guide trace's (Sigma, pi)."""
         means = self.model.lora_a()
+        widths = self.guide.widths() if self.prior_std is not None else None
         total = 0.0
         for name, prior in self.model.priors.items():
             tril = guide_trace.nodes[prior.names["covariance"]]["value"]
             weights = guide_trace.nodes[prior.names["weights"]]["value"]
-            total = total + column_prior_kl(means[name], tril, weights, self.model.sample_scaler).sum()
+            if widths is not None:
+                total = total + width_kl(means[name], tril, weights, widths[name], self.prior_std).sum()
+            else:
+                total = total + column_prior_kl(means[name], tril, weights, self.model.sample_scaler).sum()
         return total
 
 

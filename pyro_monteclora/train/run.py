@@ -92,11 +92,21 @@ def training_arguments(config: MonteCLoRAConfig, task: str, output_dir: str, dev
 
 
 class RunTrainer(MonteCLoRATrainer):
-    """The Trainer of :func:`train`: AdamW on all trainable tensors, the schedule of :func:`lr_lambda`."""
+    """The Trainer of :func:`train`: AdamW on all trainable tensors, the schedule of :func:`lr_lambda`.
+
+    The variational parameters form their own group at ``guide_learning_rate`` (when set).
+    """
 
     def create_optimizer(self, model: Optional[torch.nn.Module] = None) -> torch.optim.Optimizer:
         if self.optimizer is None:
             parameters = self.monteclora.trainable_parameters()
+            guide_lr = self.monteclora.monteclora_config.guide_learning_rate
+            if guide_lr is not None:
+                variational = {id(p) for p in self.monteclora.guide.parameters()}
+                parameters = [
+                    {"params": [p for p in parameters if id(p) not in variational]},
+                    {"params": [p for p in parameters if id(p) in variational], "lr": guide_lr},
+                ]
             self.optimizer = torch.optim.AdamW(parameters, lr=self.args.learning_rate, weight_decay=self.args.weight_decay)
         return self.optimizer
 

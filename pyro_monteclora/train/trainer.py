@@ -133,7 +133,8 @@ class MonteCLoRATrainerMixin:
         config = model.monteclora_config
         self.loss_is_scaled_for_ga = True
         self.elbo = ELBOLoss(model.model, model.guide, config.kl_weight, config.cooperative_weight,
-                             column_prior=config.column_prior)
+                             column_prior=config.column_prior,
+                             prior_std=config.prior_std if config.variant == "learned" else None)
         self.held_draw = HeldDraw(model.groups)
         self.divergence = DivergenceMonitor()
         self._dataset_size = dataset_size
