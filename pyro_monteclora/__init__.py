@@ -19,7 +19,7 @@ from ._version import __version__
 from .calibration import calibration_metrics, reliability_diagram
 from .config import MonteCLoRAConfig
 from .inspection import format_summary, render_model, render_model_text, summary
-from .io import save_pretrained, save_result
+from .io import OutputLocked, save_pretrained, save_result
 from .monteclora import MonteCLoRA, load
 from .prediction import evaluation, predictive
 from .prediction.evaluation import evaluate
@@ -43,6 +43,7 @@ __all__ = [
     "load",
     "save_pretrained",
     "save_result",
+    "OutputLocked",
     "Predictive",
     "predict",
     "sequence_log_likelihood",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 
 import pyro
 import pytest
@@ -24,6 +25,18 @@ def _clean_pyro():
     torch.manual_seed(0)
     yield
     assert not list(pyro.get_param_store().keys()), "a test leaked parameters into Pyro's global param store"
+
+
+@pytest.fixture
+def interruptible():
+    """Ctrl-C raises ``KeyboardInterrupt`` in this test, even when pytest was started with SIGINT ignored.
+
+    A background job, ``nohup`` or some CI runners start the suite with SIGINT ignored; a test
+    that interrupts itself installs Python's own handler first, and the previous one comes back.
+    """
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture(scope="session")

@@ -65,13 +65,13 @@ class _Interrupt(TrainerCallback):
             os.kill(os.getpid(), signal.SIGINT)
 
 
-def test_ctrl_c_during_training_leaves_no_folder(ws, tmp_path):
+def test_ctrl_c_during_training_leaves_no_folder(ws, tmp_path, interruptible):
     with pytest.raises(KeyboardInterrupt):
         _train_api(toy_sentiment(16), num_epochs=1, batch_size=4, output_dir=str(tmp_path / "out"), callbacks=[_Interrupt()])
     assert os.listdir(tmp_path) == []  # no output, no half-written or hidden folder
 
 
-def test_ctrl_c_during_cli_training_leaves_no_folder(ws, capsys, monkeypatch, tmp_path):
+def test_ctrl_c_during_cli_training_leaves_no_folder(ws, capsys, monkeypatch, tmp_path, interruptible):
     api = importlib.import_module("pyro_monteclora.train.api")
 
     class Interrupted(api.RunTrainer):  # the CLI's Trainer, with a SIGINT after its first step
@@ -274,7 +274,7 @@ def _interrupt_then(function):
 
 
 @pytest.mark.parametrize("during", ["write", "swap"])
-def test_ctrl_c_during_a_save_leaves_no_backup(ws, tmp_path, monkeypatch, during):
+def test_ctrl_c_during_a_save_leaves_no_backup(ws, tmp_path, monkeypatch, during, interruptible):
     import pyro_monteclora.io.atomic as io_atomic
     import pyro_monteclora.io.save as io_save
 
@@ -295,7 +295,7 @@ def test_ctrl_c_during_a_save_leaves_no_backup(ws, tmp_path, monkeypatch, during
     pyro_monteclora.load(tiny_bert(), folder)
 
 
-def test_ctrl_c_during_the_cli_save(ws, capsys, monkeypatch):
+def test_ctrl_c_during_the_cli_save(ws, capsys, monkeypatch, interruptible):
     import pyro_monteclora.io.save as io_save
 
     monkeypatch.setattr(io_save, "save_file", _interrupt_then(io_save.save_file))

@@ -76,6 +76,7 @@ def test_a_normal_run_does_not_warn(word_tokenizer, recwarn):
 
 INTERRUPT = r'''
 import os, signal, sys
+signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C works even if our parent ignores SIGINT
 from transformers import TrainerCallback
 import pyro_monteclora
 from pyro_monteclora.testing import tiny_bert, toy_sentiment, toy_tokenizer

@@ -314,7 +314,7 @@ def test_fp16_on_the_cpu_is_refused_clearly(word_tokenizer):
         _train(word_tokenizer, mixed_precision="fp16")
 
 
-@pytest.mark.parametrize("kind, engine", [("DEEPSPEED", "DeepSpeed"), ("FSDP", "FSDP"), ("MEGATRON_LM", "Megatron-LM")])
+@pytest.mark.parametrize("kind, engine", [("DEEPSPEED", "DeepSpeed"), ("MEGATRON_LM", "Megatron-LM")])
 def test_sharding_engines_are_refused_with_what_is_supported(tmp_path, word_tokenizer, monkeypatch, kind, engine):
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
@@ -324,12 +324,40 @@ def test_sharding_engines_are_refused_with_what_is_supported(tmp_path, word_toke
     monkeypatch.setattr(Accelerator, "distributed_type", property(lambda self: DistributedType[kind]))
     mc = _monteclora()
     data, collator = examples_dataset(mc, _rows(), word_tokenizer, max_length=32)
-    with pytest.raises(ValueError, match=rf"does not support accelerate's {engine}: .* Supported: one process, or DDP"):
+    with pytest.raises(ValueError, match=rf"does not support accelerate's {engine}: .* Supported: one process, DDP"):
         MonteCLoRATrainer(model=mc, args=_args(tmp_path), train_dataset=data, data_collator=collator)
     for supported in ("NO", "MULTI_CPU", "MULTI_GPU"):
         check_distributed_type(str(DistributedType[supported]))
+    check_distributed_type(str(DistributedType.FSDP), fsdp=True, fsdp_version=2)  # FSDP2: tests/test_trainer_fsdp.py
+    with pytest.raises(ValueError, match="FSDP1 .*fsdp_version=1.*Set fsdp_version: 2"):
+        check_distributed_type(str(DistributedType.FSDP), fsdp=True, fsdp_version=1)
     with pytest.raises(ValueError, match="DeepSpeed"):  # a plugin is enough, whatever the type says
         check_distributed_type(str(DistributedType.MULTI_GPU), deepspeed=True)
+
+
+def test_fsdp_refuses_what_it_cannot_shard(monkeypatch):
+    """FSDP1, cpu_ram_efficient_loading and a column KL are refused naming the setting; the guide is kept whole;
+    train() refuses an FSDP launch (it saves the whole model afterwards)."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    from pyro_monteclora.train.sharding import configure_plugin
+
+    mc = _monteclora()
+    plugin = FullyShardedDataParallelPlugin(fsdp_version=2)
+    configure_plugin(plugin, mc.guide, column_kl=False)
+    assert plugin.ignored_modules == [mc.guide]
+    with pytest.raises(ValueError, match="fsdp_version=1"):
+        configure_plugin(FullyShardedDataParallelPlugin(fsdp_version=1), mc.guide, column_kl=False)
+    with pytest.raises(ValueError, match="column_prior=True or variant='learned'"):
+        configure_plugin(FullyShardedDataParallelPlugin(fsdp_version=2), mc.guide, column_kl=True)
+    for name in ("FSDP_CPU_RAM_EFFICIENT_LOADING", "FSDP_SYNC_MODULE_STATES"):  # the plugin writes them: restore
+        monkeypatch.setenv(name, os.environ.get(name, "false"))
+    with pytest.raises(ValueError, match="cpu_ram_efficient_loading"):
+        configure_plugin(FullyShardedDataParallelPlugin(fsdp_version=2, cpu_ram_efficient_loading=True), mc.guide,
+                         column_kl=False)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ValueError, match="not FSDP .*Use MonteCLoRATrainer"):
+        pyro_monteclora.train(mc, _rows(), progress=False)
 
 
 def test_a_launched_process_that_would_train_alone_is_refused(tmp_path, word_tokenizer, monkeypatch):

@@ -1,5 +1,7 @@
 """The ``pyro-monteclora`` subcommands: train, evaluate, predict, merge, convert-kohya, inspect and lm-eval.
 
+A command that writes holds its target's one-writer lock (:func:`pyro_monteclora.io.lock.hold_output`)
+from before any work to the end, so a second writer of the same target is refused at once.
 Each takes the parsed arguments (:func:`pyro_monteclora.cli.parser.build_parser`), prints its
 result (JSON for all but ``inspect``) on stdout and returns the exit code; errors are raised and
 turned into one line on stderr by :func:`pyro_monteclora.cli.main`.
@@ -13,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -20,6 +23,8 @@ from typing import Any
 
 from .inputs import class_labels, is_smollm2, load_data_arg, load_gguf, load_monteclora, load_tokenizer, writable_target
 from .parser import config_overrides
+from ..io.atomic import atomic_write_file
+from ..io.lock import hold_output
 from ..io.read import check_model_path
 
 __all__ = ["COMMANDS", "SECRETS"]
@@ -29,16 +34,22 @@ SECRETS: list[str] = []
 
 
 def _train(args: argparse.Namespace) -> int:
+    from ..config import MonteCLoRAConfig
+
+    config = MonteCLoRAConfig().replace(**config_overrides(args))
+    output_dir = writable_target(args.output_dir, args.overwrite)  # fail before training, not after
+    with hold_output(output_dir):  # one writer per output, from before any work to the end
+        return _train_into(args, config, output_dir)
+
+
+def _train_into(args: argparse.Namespace, config: Any, output_dir: str) -> int:
     import torch
 
-    from ..config import MonteCLoRAConfig
     from ..examples import minilm_path
     from ..io import final_metrics, save_result
     from ..quantization import load_base_model
     from ..train import train
 
-    config = MonteCLoRAConfig().replace(**config_overrides(args))
-    output_dir = writable_target(args.output_dir, args.overwrite)  # fail before training, not after
     model_path = args.model or minilm_path()
     check_model_path(model_path, "model")
     data = load_data_arg(args.data)
@@ -80,14 +91,15 @@ def _evaluate(args: argparse.Namespace) -> int:
     from ..prediction.evaluation import evaluate
 
     output = writable_target(args.output, args.overwrite, "file") if args.output else None  # before the work
-    monteclora = load_monteclora(args)
-    metrics = evaluate(
-        monteclora, load_data_arg(args.data), num_samples=args.num_samples, batch_size=args.batch_size, seed=args.seed
-    )
-    text = json.dumps(metrics, sort_keys=True, indent=2)
-    if output:
-        with open(output, "w", encoding="utf-8") as handle:
-            handle.write(text + "\n")
+    with hold_output(output) if output else contextlib.nullcontext():
+        monteclora = load_monteclora(args)
+        metrics = evaluate(
+            monteclora, load_data_arg(args.data), num_samples=args.num_samples, batch_size=args.batch_size,
+            seed=args.seed,
+        )
+        text = json.dumps(metrics, sort_keys=True, indent=2)
+        if output:
+            atomic_write_file(output, (text + "\n").encode("utf-8"))
     print(text)
     return 0
 
@@ -172,7 +184,7 @@ def _merge(args: argparse.Namespace) -> int:
     token = args.token or os.environ.get("HF_TOKEN")
     if token:
         SECRETS.append(token)
-    where = merge(
+    where = merge(  # holds the output folder's lock from its start
         args.base_model_path,
         args.adapter_path,
         args.output_folder,
@@ -189,7 +201,9 @@ def _convert_kohya(args: argparse.Namespace) -> int:
     from ..export.kohya import peft_to_kohya
 
     output = writable_target(args.output, args.overwrite, "file")
-    written = peft_to_kohya(args.adapter_path, output, include_modules_to_save=not args.lora_only, overwrite=args.overwrite)
+    written = peft_to_kohya(  # holds the output file's lock from its start
+        args.adapter_path, output, include_modules_to_save=not args.lora_only, overwrite=args.overwrite
+    )
     print(json.dumps({"kohya": written}))
     return 0
 

@@ -175,6 +175,8 @@ def _check_column_types(rows: list[dict], where: str) -> None:
         for key, value in row.items():
             if key == "label" and isinstance(value, float) and math.isnan(value):
                 raise ValueError(f"{where}: the label in row {number} is missing (NaN); every row needs a label")
+            if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
+                raise ValueError(f"{where}: column {key!r} in row {number} holds {value}, too large for a 64-bit table column")
             if value is not None:
                 columns.setdefault(key, []).append((number, value))
     for column, values in columns.items():
@@ -206,9 +208,11 @@ def _from_rows(rows: list[dict], path: str) -> Dataset:
     if not rows:
         return Dataset.from_list([])
     _check_column_types(rows, path)
+    columns = list(dict.fromkeys(k for row in rows for k in row))  # from_list keeps the first row's columns only
+    rows = [{k: row.get(k) for k in columns} for row in rows]  # a value missing from a row is None, named later
     try:
         return Dataset.from_list(rows)
-    except (TypeError, ValueError) as error:  # pyarrow (ArrowInvalid, ArrowTypeError) cannot type a mixed column
+    except (TypeError, ValueError, OverflowError) as error:  # pyarrow cannot type a mixed column (ArrowInvalid, ...)
         reason = " ".join(str(error).split())[:160]
         raise ValueError(f"{path}: a column mixes values of different types ({reason})") from None
 

@@ -30,7 +30,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ..io.atomic import atomic_write, check_finite, deferred_interrupts
+from ..io.atomic import atomic_write, check_finite, deferred_interrupts, recover_output
+from ..io.lock import hold_output
 
 __all__ = ["peft_to_kohya", "kohya_to_peft", "kohya_key", "to_kohya_state_dict", "from_kohya_state_dict"]
 
@@ -174,7 +175,8 @@ def peft_to_kohya(adapter_path: str, output: str, *, include_modules_to_save: bo
 
     An existing ``output`` is replaced only with ``overwrite=True``; missing parent folders are
     created; tensors that are not finite are refused. The file is written beside and moved into
-    place, so a failure leaves an existing file as it was.
+    place, so a failure leaves an existing file as it was. A second writer of ``output`` is refused
+    (:class:`~pyro_monteclora.io.lock.OutputLocked`).
     """
     folder = adapter_path
     if not os.path.isfile(os.path.join(folder, "adapter_config.json")):
@@ -187,28 +189,32 @@ def peft_to_kohya(adapter_path: str, output: str, *, include_modules_to_save: bo
         )
     if not output.endswith(".safetensors"):
         raise ValueError(f"the Kohya output must be a .safetensors file, got {output!r}")
-    if os.path.exists(output) and not overwrite:
-        raise FileExistsError(f"{output} already exists; pass overwrite=True (--overwrite) to replace it")
-    try:
-        with open(config_path, encoding="utf-8") as handle:
-            config = json.load(handle)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{config_path}, line {error.lineno}: invalid JSON ({error.msg}, column {error.colno})") from None
-    tensors, metadata = to_kohya_state_dict(_read_tensors(weights_path), config, include_modules_to_save)
-    check_finite(tensors, "the Kohya file")
-    parent = os.path.dirname(os.path.abspath(output))
-    os.makedirs(parent, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(output)}.tmp-", dir=parent)
-    os.close(handle)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; the output gets the usual permissions
-        os.replace(tmp, output)
-    except BaseException:
+    with hold_output(output):  # one writer: a second one is refused here, before any work
+        recover_output(output)  # a temporary file a killed export left
+        if os.path.exists(output) and not overwrite:
+            raise FileExistsError(f"{output} already exists; pass overwrite=True (--overwrite) to replace it")
+        try:
+            with open(config_path, encoding="utf-8") as handle:
+                config = json.load(handle)
+        except json.JSONDecodeError as error:
+            raise ValueError(
+                f"{config_path}, line {error.lineno}: invalid JSON ({error.msg}, column {error.colno})"
+            ) from None
+        tensors, metadata = to_kohya_state_dict(_read_tensors(weights_path), config, include_modules_to_save)
+        check_finite(tensors, "the Kohya file")
+        parent = os.path.dirname(os.path.abspath(output))
         with deferred_interrupts():
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        raise
+            handle, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(output)}.tmp-", dir=parent)
+        os.close(handle)
+        try:  # safetensors' save_file, not atomic_write_file's bytes: the fault campaign injects errors there
+            save_file(tensors, tmp, metadata=metadata)
+            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; the output gets the usual permissions
+            os.replace(tmp, output)
+        except BaseException:
+            with deferred_interrupts():
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+            raise
     return output
 
 
@@ -224,18 +230,19 @@ def kohya_to_peft(
     """Write a Kohya LoRA file as a peft adapter folder (``adapter_config.json`` + safetensors).
 
     A non-empty ``output_folder`` is replaced only with ``overwrite=True`` (the rule of
-    :func:`pyro_monteclora.io.check_output_folder`); tensors that are not finite are refused.
+    :func:`pyro_monteclora.io.check_output_folder`); tensors that are not finite are refused; a
+    second writer of ``output_folder`` is refused (:class:`~pyro_monteclora.io.lock.OutputLocked`).
     """
-    tensors = _read_tensors(kohya_file)
-    with safe_open(kohya_file, framework="pt") as handle:
-        metadata = handle.metadata() or {}
-    state, config = from_kohya_state_dict(tensors, metadata, module_names)
-    check_finite(state, "the peft adapter")
-
     def write(folder: str) -> None:
         save_file(state, os.path.join(folder, "adapter_model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(folder, "adapter_config.json"), "w", encoding="utf-8") as handle:
             json.dump(config, handle, sort_keys=True, indent=2)
 
-    atomic_write(output_folder, overwrite, write)
+    with hold_output(output_folder):  # one writer, refused before any work
+        tensors = _read_tensors(kohya_file)
+        with safe_open(kohya_file, framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        state, config = from_kohya_state_dict(tensors, metadata, module_names)
+        check_finite(state, "the peft adapter")
+        atomic_write(output_folder, overwrite, write)
     return output_folder

@@ -11,13 +11,14 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
 import warnings
 from typing import Any, Optional
 
-from ..io import adapter_folder, check_model_path, read_metadata, save_merged
+from ..io import adapter_folder, check_model_path, hold_output, read_metadata, save_merged
 from ..monteclora import load
 from ..quantization import load_base_model
 
@@ -68,12 +69,30 @@ def merge(
         overwrite: replace a non-empty output folder that is not a pyro-monteclora output.
         private: create the Hub repository as private.
 
-    Returns the output folder or the Hub repository id.
+    Returns the output folder or the Hub repository id. The output folder's one-writer lock is held
+    from the start: a second writer is refused before any work
+    (:class:`~pyro_monteclora.io.lock.OutputLocked`).
     """
     if (output_folder is None) == (push_to_hub is None):
         raise ValueError("give exactly one of an output folder (--output-folder) or a Hub repo (--push-to-hub)")
     if pad_to_multiple_of is not None and (isinstance(pad_to_multiple_of, bool) or pad_to_multiple_of < 1):
         raise ValueError(f"pad_to_multiple_of must be a positive integer, got {pad_to_multiple_of!r}")
+    with hold_output(output_folder) if output_folder is not None else contextlib.nullcontext():
+        return _merge(base_model_path, adapter_path, output_folder, push_to_hub, token=token,
+                      pad_to_multiple_of=pad_to_multiple_of, overwrite=overwrite, private=private)
+
+
+def _merge(
+    base_model_path: str,
+    adapter_path: str,
+    output_folder: Optional[str],
+    push_to_hub: Optional[str],
+    *,
+    token: Optional[str],
+    pad_to_multiple_of: Optional[int],
+    overwrite: bool,
+    private: bool,
+) -> str:
     meta = read_metadata(adapter_path)
     check_model_path(base_model_path)
     trained_on = meta["config"].get("quantization")
@@ -82,7 +101,7 @@ def merge(
             f"merging into a quantized base ({trained_on or 'quantized checkpoint'}): the merged model holds "
             "full-precision weights (base + adapter), so its outputs differ slightly from those of the "
             "quantized model the adapter was trained on",
-            stacklevel=2,
+            stacklevel=3,  # the caller of merge()
         )
     tokenizer = _tokenizer(adapter_path, base_model_path)
     base = load_base_model(

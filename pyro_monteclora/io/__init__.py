@@ -18,7 +18,8 @@ read back: no pickle is loaded from a folder.
 The work is split by job: :mod:`~pyro_monteclora.io.format` (file names, the JSON record, the
 :class:`AdapterModel` shape io reads), :mod:`~pyro_monteclora.io.atomic` (the output-folder rule,
 atomic replacement, the finiteness check), :mod:`~pyro_monteclora.io.save` (writing),
-:mod:`~pyro_monteclora.io.read` (reading and checking) and :mod:`~pyro_monteclora.io.model_card`.
+:mod:`~pyro_monteclora.io.read` (reading and checking), :mod:`~pyro_monteclora.io.lock` (one writer
+per output) and :mod:`~pyro_monteclora.io.model_card`.
 io sits below the core: it never imports :class:`~pyro_monteclora.MonteCLoRA`;
 :func:`pyro_monteclora.load` (in :mod:`pyro_monteclora.monteclora`) builds one from what
 :func:`read_adapter` returns. ``pyro_monteclora.io.load`` stays as an alias of it for a release.
@@ -51,6 +52,7 @@ from .format import (
     AdapterModel,
     PathLike,
 )
+from .lock import OutputLocked, hold_output
 from .read import SavedAdapter, adapter_folder, check_model_path, read_adapter, read_metadata, restore_adapter
 from .save import final_metrics, merged_state_dict, save_merged, save_pretrained, save_result, save_trained
 
@@ -70,6 +72,8 @@ __all__ = [
     "check_finite",
     "check_output_folder",
     "check_model_path",
+    "OutputLocked",
+    "hold_output",
     "CONFIG_NAME",
     "POSTERIOR_NAME",
     "PEFT_CONFIG_NAME",

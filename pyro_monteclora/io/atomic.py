@@ -16,9 +16,12 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 from typing import Any, Iterator
@@ -26,14 +29,18 @@ from typing import Any, Iterator
 import torch
 
 from .format import ADAPTER_SUBFOLDER, CHECKPOINT_PREFIX, CONFIG_NAME, PathLike
+from .lock import hold_output
 
 __all__ = [
     "check_finite",
     "check_output_folder",
     "check_writable",
     "atomic_write",
+    "atomic_write_file",
     "checkpoints_in",
     "deferred_interrupts",
+    "leftovers",
+    "recover_output",
 ]
 
 
@@ -139,32 +146,81 @@ def deferred_interrupts() -> Iterator[None]:
 def atomic_write(folder: PathLike, overwrite: bool, write: Any) -> str:
     """Run ``write(tmp)`` in a temporary folder beside ``folder``, then move it into place.
 
-    A failure or Ctrl-C while writing removes the temporary folder and leaves ``folder`` as it
-    was; Ctrl-C during the swap is held until the new folder is in place and the old one gone.
-    Training checkpoints of an earlier output move into the new one.
+    A failure, Ctrl-C or SIGKILL while writing leaves ``folder`` as it was (what a kill left
+    beside it is cleared by the next write, :func:`recover_output`); Ctrl-C during the swap is
+    held until the new folder is in place and the old one gone.
+    Training checkpoints of an earlier output move into the new one. The one-writer lock of
+    ``folder`` is held throughout (:func:`pyro_monteclora.io.lock.hold_output`): a second writer
+    gets :class:`~pyro_monteclora.io.lock.OutputLocked` before anything is written.
     """
     folder = os.path.abspath(os.fspath(folder))
-    check_output_folder(folder, overwrite)
-    parent = os.path.dirname(folder)
-    os.makedirs(parent, exist_ok=True)
-    with deferred_interrupts():
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.tmp-", dir=parent)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the output gets the usual permissions
-    try:
-        write(tmp)
-    except BaseException:
+    with hold_output(folder):
+        recover_output(folder)  # what a killed writer left
+        check_output_folder(folder, overwrite)
+        parent = os.path.dirname(folder)
         with deferred_interrupts():
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    with deferred_interrupts():
-        _swap(tmp, folder)
+            tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.tmp-", dir=parent)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the output gets the usual permissions
+        try:
+            write(tmp)
+        except BaseException:
+            with deferred_interrupts():
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        with deferred_interrupts():
+            _swap(tmp, folder)
     return folder
 
 
+def atomic_write_file(path: PathLike, data: bytes) -> str:
+    """Write ``data`` to the file ``path`` through a temporary file beside it and a rename.
+
+    A failure or Ctrl-C leaves an existing file as it was and no temporary file; the one-writer
+    lock of ``path`` is held throughout. Returns the absolute path.
+
+    Example:
+        >>> import os, tempfile
+        >>> path = atomic_write_file(os.path.join(tempfile.mkdtemp(), "m.json"), b"{}")
+        >>> open(path).read()
+        '{}'
+    """
+    path = os.path.abspath(os.fspath(path))
+    with hold_output(path):
+        recover_output(path)
+        with deferred_interrupts():
+            handle, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=os.path.dirname(path))
+        try:
+            with os.fdopen(handle, "wb") as stream:
+                stream.write(data)
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; the output gets the usual permissions
+            os.replace(tmp, path)
+        except BaseException:
+            with deferred_interrupts():
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+            raise
+    return path
+
+
 def _swap(tmp: str, folder: str) -> None:
-    """Put ``tmp`` in the place of ``folder`` (keeping its checkpoints); on failure restore it."""
+    """Put ``tmp`` in the place of ``folder`` (keeping its checkpoints); on failure restore it.
+
+    Where the system can (Linux ``renameat2(RENAME_EXCHANGE)``) the two folders trade places in
+    one step, so ``folder`` is at every moment the previous version or the new one, even under
+    SIGKILL; the checkpoints then move over and the old version is removed. Elsewhere the old
+    folder is moved aside first; a kill between the two renames is repaired by
+    :func:`recover_output` at the next write.
+    """
+    if os.path.exists(folder) and _exchange(tmp, folder):
+        for name in checkpoints_in(tmp):  # tmp now holds the previous version
+            if not os.path.exists(os.path.join(folder, name)):
+                os.rename(os.path.join(tmp, name), os.path.join(folder, name))
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
     parent = os.path.dirname(folder)
     backup = None
     kept: list[str] = []
@@ -187,3 +243,57 @@ def _swap(tmp: str, folder: str) -> None:
         raise
     if backup is not None:
         shutil.rmtree(backup, ignore_errors=True)
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap the paths ``a`` and ``b`` atomically (Linux); ``False`` where the system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False  # a kernel or file system without the flag: two renames instead
+    raise OSError(code, os.strerror(code), a)
+
+
+def leftovers(path: PathLike) -> list[str]:
+    """What killed writers of ``path`` left beside it: ``.<name>.tmp-*`` and ``.<name>.old-*`` entries."""
+    path = os.path.abspath(os.fspath(path))
+    parent, name = os.path.dirname(path), os.path.basename(path)
+    if not os.path.isdir(parent):
+        return []
+    prefixes = (f".{name}.tmp-", f".{name}.old-")
+    return sorted(os.path.join(parent, e) for e in os.listdir(parent) if e.startswith(prefixes))
+
+
+def recover_output(path: PathLike) -> None:
+    """Repair what a killed writer of ``path`` left; the caller holds ``path``'s lock.
+
+    A missing ``path`` with an ``.old-*`` folder beside it (a kill between the two renames of a
+    swap) gets that previous version back; training checkpoints found in any leftover move into
+    ``path`` (never over one it has); then every leftover is removed. Every writer of the package
+    calls this first, so a crash leaves no temporary files behind the next run.
+    """
+    path = os.path.abspath(os.fspath(path))
+    found = leftovers(path)
+    old = [e for e in found if os.path.basename(e).startswith(f".{os.path.basename(path)}.old-") and os.path.isdir(e)]
+    with deferred_interrupts():
+        if not os.path.lexists(path) and old:
+            os.rename(old[0], path)
+            found.remove(old[0])
+        for entry in found:
+            if os.path.isdir(entry) and not os.path.islink(entry):
+                if os.path.isdir(path):
+                    for name in checkpoints_in(entry):
+                        if not os.path.exists(os.path.join(path, name)):
+                            os.rename(os.path.join(entry, name), os.path.join(path, name))
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.remove(entry)

@@ -35,11 +35,14 @@ from transformers.trainer_callback import PrinterCallback
 
 from ..config import MonteCLoRAConfig
 from ..data.tokenize import DataLike, load_data, pad_token_id, split_data
+from ..io.atomic import check_writable, recover_output
+from ..io.lock import hold_output, is_main_process
 from ..monteclora import MonteCLoRA, device_of
 from ..quiet import quiet
 from .checkpoints import latest_checkpoint
 from .batches import ExampleCollator, ExamplesDataset, tokenize_for
 from .run import Recorder, RunTrainer, check_trained, evaluate_mean, training_arguments
+from .sharding import fsdp_launched
 
 __all__ = ["train", "TrainResult", "evaluate_mean"]
 
@@ -109,17 +112,48 @@ def train(
     With ``config.output_dir`` set, the result is saved there: a merged model by default
     (``merge_adapter=True``), else the adapter alone; the variational posterior either way.
     Checkpoints (``save_steps``) go to ``output_dir/checkpoint-<step>``. A run that diverges
-    raises :class:`~pyro_monteclora.train.divergence.TrainingDiverged` and saves nothing.
+    raises :class:`~pyro_monteclora.train.divergence.TrainingDiverged` and saves nothing. The run
+    holds ``output_dir``'s one-writer lock (:func:`pyro_monteclora.io.lock.hold_output`) from
+    the start: a second run on the same folder fails at once with
+    :class:`~pyro_monteclora.io.lock.OutputLocked`. In a run of several processes the main one
+    holds it and writes the output.
 
     Given the same seed, two runs on the CPU give identical results. The caller's global random
     states (torch, ``random``, numpy) are left as they were.
     """
     base_config = model.monteclora_config if isinstance(model, MonteCLoRA) else MonteCLoRAConfig()
     config = (config or base_config).replace(**overrides)
+    if fsdp_launched():
+        raise ValueError(
+            "pyro_monteclora.train() runs in one process or under DDP, not FSDP (launched with an FSDP config): it "
+            "evaluates and saves the whole model after training, which FSDP leaves in shards. Use MonteCLoRATrainer "
+            "(docs/training.md, 'More than one device'), or launch with --multi_gpu for DDP."
+        )
+    main = is_main_process()
     if config.output_dir:  # refuse a folder we may not write (a file, an unwritable parent) before training
-        from ..io.atomic import check_writable
-
         check_writable(config.output_dir, overwrite=False)
+    # ... or one that another run writes (the main process holds the lock and writes the output)
+    held = hold_output(config.output_dir) if config.output_dir and main else contextlib.nullcontext()
+    with held:
+        return _train(model, dataset, config, tokenizer, eval_dataset, progress, resume_from_checkpoint, callbacks,
+                      verbose, save=main)
+
+
+def _train(
+    model: Any,
+    dataset: DataLike,
+    config: MonteCLoRAConfig,
+    tokenizer: Any,
+    eval_dataset: Optional[DataLike],
+    progress: bool,
+    resume_from_checkpoint: Union[bool, str, None],
+    callbacks: Optional[Sequence[TrainerCallback]],
+    verbose: bool,
+    save: bool,
+) -> TrainResult:
+    """:func:`train` once its output is checked and held; ``save``: write the output (the main process)."""
+    if config.output_dir and save:
+        recover_output(config.output_dir)  # what a killed run left: its checkpoints come back, temporaries go
     resume = _resume_path(resume_from_checkpoint, config)
     created = bool(config.output_dir) and not os.path.exists(config.output_dir)
     try:
@@ -139,7 +173,7 @@ def train(
         if created and os.path.isdir(config.output_dir) and not os.listdir(config.output_dir):
             os.rmdir(config.output_dir)  # the empty folder Trainer made for a run that failed
         raise
-    if config.output_dir:
+    if config.output_dir and save:
         from ..io import final_metrics, save_trained
 
         with quiet(verbose):

@@ -10,7 +10,7 @@ Example:
     >>> for step, complete in ((2, True), (4, True), (6, False)):
     ...     os.makedirs(f"{root}/checkpoint-{step}")
     ...     if complete:
-    ...         open(f"{root}/checkpoint-{step}/trainer_state.json", "w").close()
+    ...         _ = open(f"{root}/checkpoint-{step}/trainer_state.json", "w").write("{}")
     ...         open(f"{root}/checkpoint-{step}/monteclora_config.json", "w").close()
     >>> os.path.basename(latest_checkpoint(root))
     'checkpoint-4'
@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from typing import Optional
@@ -37,8 +38,16 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
 def is_complete(folder: str) -> bool:
-    """Whether a checkpoint folder was written to the end."""
-    return all(os.path.isfile(os.path.join(folder, name)) for name in (TRAINER_STATE, CONFIG_NAME))
+    """Whether a checkpoint folder was written to the end (its ``trainer_state.json`` whole JSON: a
+    kill while Trainer wrote it leaves an empty or truncated file)."""
+    if not all(os.path.isfile(os.path.join(folder, name)) for name in (TRAINER_STATE, CONFIG_NAME)):
+        return False
+    try:
+        with open(os.path.join(folder, TRAINER_STATE), encoding="utf-8") as handle:
+            json.load(handle)
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def latest_checkpoint(output_dir: str) -> Optional[str]:

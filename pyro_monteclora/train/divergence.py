@@ -21,7 +21,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import torch
 
@@ -64,6 +64,16 @@ class DivergenceMonitor:
         bad[torch.tensor([i for i, _ in present], device=finite.device)] = ~finite
         self._flag("gradient", step, bad)
         self._gradient_names = names
+
+    def merge(self, reduce_min: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Make this process's record the earliest over all processes, so that all raise together
+        (``reduce_min``: an all-reduce taking the element-wise minimum; every process must call it,
+        having recorded the same terms, as the trainer's processes do)."""
+        never = torch.iinfo(torch.long).max
+        for name in sorted(self._first):
+            first = self._first[name]
+            merged = reduce_min(torch.where(first < 0, torch.full_like(first, never), first))
+            self._first[name] = torch.where(merged == never, torch.full_like(merged, -1), merged)
 
     def check(
         self,
