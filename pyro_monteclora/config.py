@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional, Union
 
@@ -27,6 +29,8 @@ QUANTIZATIONS = (None, "int4", "int8")
 MIXED_PRECISIONS = (None, "bf16", "fp16")
 #: The parameterizations of the posterior: the paper's fixed width, or a width the ELBO learns.
 VARIANTS = ("paper", "learned")
+#: How the KL is weighted from step to step (:mod:`pyro_monteclora.train.kl_schedule`).
+KL_SCHEDULES = ("constant", "blob")
 
 
 @dataclass
@@ -64,6 +68,10 @@ class MonteCLoRAConfig:
             The widths start at ``sample_scaler``.
         prior_std: the prior standard deviation of ``A~``'s elements in the ``"learned"``
             variant (BLoB's 0.2).
+        kl_schedule: ``"constant"`` (every step weighs the KL by ``kl_weight``: the ELBO) or
+            ``"blob"`` (BLoB's reweighting: step ``i`` of an epoch of ``M`` weighs it by
+            ``kl_weight * M * 2**i / (2**(M + 1) - 1)``; :mod:`pyro_monteclora.train.kl_schedule`).
+            Used by the Trainer engine (:func:`pyro_monteclora.train`, ``MonteCLoRATrainer``).
         guide_learning_rate: the learning rate of the variational parameters (the Wishart scale,
             the Dirichlet concentrations, the learned widths); ``None``: ``learning_rate``. AdamW
             moves a parameter by about its learning rate per step, so over a short run at 5e-4 a
@@ -137,6 +145,7 @@ class MonteCLoRAConfig:
     )
     variant: str = field(default="paper", metadata={"help": "paper (fixed width eps) or learned (the ELBO learns a width per column)."})
     prior_std: float = field(default=0.2, metadata={"help": "Prior std of A~'s elements in the learned variant."})
+    kl_schedule: str = field(default="constant", metadata={"help": "constant (the ELBO) or blob (BLoB's KL reweighting within each epoch)."})
     column_prior: bool = field(
         default=False, metadata={"help": "Prior N(0, s^2 I) on A~'s columns, s by empirical Bayes (ELBO rewards width)."}
     )
@@ -196,22 +205,35 @@ class MonteCLoRAConfig:
         if self.mixed_precision not in MIXED_PRECISIONS:
             raise ValueError(f"mixed_precision must be one of {MIXED_PRECISIONS}, got {self.mixed_precision!r}")
         _positive(self, "lora_alpha", "sample_scaler", "dirichlet_concentration", "learning_rate", "prior_std")
-        if self.guide_learning_rate is not None and not (isinstance(self.guide_learning_rate, (int, float))
-                                                         and not isinstance(self.guide_learning_rate, bool)
-                                                         and self.guide_learning_rate > 0):
+        if self.guide_learning_rate is not None and not (_is_number(self.guide_learning_rate) and self.guide_learning_rate > 0):
             raise ValueError(f"guide_learning_rate must be a positive number or None, got {self.guide_learning_rate!r}")
+        if self.kl_schedule not in KL_SCHEDULES:
+            raise ValueError(f"kl_schedule must be one of {KL_SCHEDULES}, got {self.kl_schedule!r}")
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
         if self.variant == "learned" and self.column_prior:
             raise ValueError("column_prior=True is a prior of the 'paper' variant; the 'learned' variant has its own "
                              "prior N(0, prior_std^2) on A~: use one or the other")
         _non_negative(self, "kl_weight", "cooperative_weight", "weight_decay")
-        if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm must be positive or None, got {self.max_grad_norm!r}")
+        for name in ("lora_dropout", "warmup_ratio"):
+            value = getattr(self, name)
+            if not _is_number(value) or not 0.0 <= value < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+        if self.max_grad_norm is not None and not (_is_number(self.max_grad_norm) and self.max_grad_norm > 0):
+            raise ValueError(f"max_grad_norm must be a positive number or None, got {self.max_grad_norm!r}")
+        if self.wishart_df is not None and not _is_number(self.wishart_df):
+            raise ValueError(f"wishart_df must be a number or None, got {self.wishart_df!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
+        for name in ("eval_every_epoch", "merge_adapter"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.modules_to_save is not None and not (
+            isinstance(self.modules_to_save, (list, tuple)) and all(isinstance(m, str) and m for m in self.modules_to_save)
+        ):
+            raise ValueError(f"modules_to_save must be None or a list of module names, got {self.modules_to_save!r}")
+        if self.output_dir is not None and not (isinstance(self.output_dir, (str, os.PathLike)) and os.fspath(self.output_dir)):
+            raise ValueError(f"output_dir must be None or a folder path, got {self.output_dir!r}")
         if self.wishart_df is not None and not self.wishart_df > self.lora_r - 1:
             raise ValueError(
                 f"wishart_df must exceed lora_r - 1 = {self.lora_r - 1} for a proper Wishart, "
@@ -296,15 +318,20 @@ def _positive_int_or_none(config: MonteCLoRAConfig, *names: str) -> None:
             raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
 
 
+def _is_number(value: object) -> bool:
+    """A finite int or float (not a bool, nan or inf)."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
 def _positive(config: MonteCLoRAConfig, *names: str) -> None:
     for name in names:
         value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise ValueError(f"{name} must be a positive number, got {value!r}")
+        if not _is_number(value) or not value > 0:
+            raise ValueError(f"{name} must be a positive (finite) number, got {value!r}")
 
 
 def _non_negative(config: MonteCLoRAConfig, *names: str) -> None:
     for name in names:
         value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-            raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+        if not _is_number(value) or not value >= 0:
+            raise ValueError(f"{name} must be a non-negative (finite) number, got {value!r}")

@@ -63,6 +63,37 @@ def test_tiny_llama_learns_a_toy_completion(word_tokenizer):
     assert result.evaluations[-1]["nll"] < result.evaluations[0]["nll"]
 
 
+def test_multiple_choice_rows_train_by_sft_on_the_right_continuation():
+    """Rows ``question``/``choices``/``label`` are trained as lm-eval's context -> the right choice (+ EOS),
+    and training on them raises the right choice's log-likelihood against every other choice's."""
+    from pyro_monteclora.data.tokenize import encode_prompt_completion, tokenize_causal_lm
+    from pyro_monteclora.prediction.choices import score_choices
+    from pyro_monteclora.testing import tiny_bpe_tokenizer
+
+    tokenizer = tiny_bpe_tokenizer()
+    words = [f"{c} {t}" for c in ("red", "blue", "green", "gold") for t in ("sky", "sea", "sun", "tea")]
+    # the right answer is always "yes", at index 0, 1 or 2 among 2 or 3 choices: a pipeline that
+    # trained on another choice than the label's would raise that choice instead
+    orders = (["yes", "no"], ["no", "yes"], ["no", "maybe", "yes"], ["maybe", "yes", "no"])
+    rows = [{"question": f"Is {w} warm?", "choices": orders[i % 4], "label": orders[i % 4].index("yes")}
+            for i, w in enumerate(words)]
+    expected = encode_prompt_completion(tokenizer, [f"Question: {r['question']}\nAnswer:" for r in rows],
+                                        [" " + r["choices"][r["label"]] for r in rows])
+    assert tokenize_causal_lm(Dataset.from_list(rows), tokenizer, 64) == expected
+
+    def margins(model):  # (n, K): right choice's summed log-likelihood minus each choice's
+        scores = score_choices(model, rows, mode="mean")["sample_log_likelihood"][0]
+        return scores.gather(1, torch.tensor([[r["label"]] for r in rows])) - scores
+
+    network = tiny_llama(vocab_size=len(tokenizer))
+    before = margins(MonteCLoRA.from_model(network, lora_r=4, tokenizer=tokenizer))  # B = 0: the base model
+    result = pyro_monteclora.train(network, rows, tokenizer=tokenizer, num_epochs=4, batch_size=4,
+                                   learning_rate=2e-2, lora_r=4, progress=False, eval_every_epoch=False)
+    gained = margins(result.model) - before
+    present = torch.isfinite(gained) & (gained != 0)  # absent choices and the right one itself
+    assert present.sum() == 24 and (gained[present] > 0.1).all(), gained
+
+
 def test_same_seed_same_run_and_global_rng_untouched(word_tokenizer):
     def run(seed):
         result = pyro_monteclora.train(

@@ -181,3 +181,28 @@ def test_the_learned_variant_is_refused_where_it_does_not_apply():
     mc = MonteCLoRA.from_model(tiny_bert(vocab_size=16), lora_r=4, variant="learned")
     with pytest.raises(ValueError, match="widths are set by the ELBO"):
         tune_posterior_scale(mc, toy_sentiment(8), factors=(1, 2), num_samples=2, tokenizer=toy_tokenizer())
+
+
+def test_blob_kl_schedule_weighs_an_epoch_like_the_elbo_and_late_steps_most():
+    from pyro_monteclora.train.kl_schedule import kl_factor
+
+    for m in (1, 3, 50, 5000):  # 2**5000 overflows a float: the factor must not
+        factors = [kl_factor("blob", step, m) for step in range(1, m + 1)]
+        assert math.isclose(sum(factors) / m, 1 - 1 / (2 ** (m + 1) - 1), rel_tol=1e-12)
+        assert factors == sorted(factors) and kl_factor("blob", m + 1, m) == factors[0]  # the next epoch starts over
+    with pytest.raises(ValueError, match="kl_schedule must be one of"):
+        MonteCLoRAConfig(kl_schedule="linear")
+
+
+def test_train_applies_the_kl_schedule_at_every_step():
+    """The logged loss of each step is nll + factor(step) * kl + cooperative (kl_weight 1, cooperative weight 1);
+    the factors of one epoch (4 steps) are 4/31, 8/31, 16/31, 32/31 times 4, so a constant weight would fail."""
+    from pyro_monteclora.train.kl_schedule import kl_factor
+
+    result = pyro_monteclora.train(tiny_bert(vocab_size=16), toy_sentiment(32), tokenizer=toy_tokenizer(), num_epochs=2,
+                                   batch_size=8, lora_r=4, kl_schedule="blob", progress=False, eval_every_epoch=False,
+                                   log_every=1, variant="learned")  # its KL is far from 0 from the start
+    assert [h["step"] for h in result.history] == list(range(1, 9))
+    for h in result.history:
+        factor = (h["loss"] - h["nll"] - h["cooperative"]) / h["kl"]
+        assert math.isclose(factor, kl_factor("blob", int(h["step"]), 4), rel_tol=1e-3), (h, factor)

@@ -13,7 +13,7 @@ import glob
 import json
 import math
 import os
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -38,6 +38,9 @@ METHODS = {
     "ours": f"ours (paper settings), predictive S = {PROTOCOL.samples}",
     "ours_ts": "ours predictive + temperature scaling",
     "ours_recommended": "ours, posterior scale chosen on val",
+    "ours_learned_mean": "ours, learned width (#31), mean adapter",
+    "ours_learned": f"ours, learned width (#31), predictive S = {PROTOCOL.samples}",
+    "ours_learned_ts": "ours learned-width predictive + temperature scaling",
     "bayesianize": "bayesianize(LoRA), fitted and scaled on val",
 }
 SETS = {"test": "ARC-Easy test", "shift": "OpenBookQA (shift)", "far": "BoolQ (far shift)"}
@@ -74,7 +77,7 @@ def _scaled(outputs: dict, temperature: float) -> dict:
 
 def method_outputs(method: str, seed: int, lr: float = PROTOCOL.lr) -> Optional[dict]:
     """``{set: {probs, labels, prediction_norm?, mutual_information?}}`` of a method and seed, or None."""
-    if method in ("lora_ts", "ours_ts"):
+    if method in ("lora_ts", "ours_ts", "ours_learned_ts"):
         record = _load(method[: -len("_ts")], seed, lr)
         if record is None:
             return None
@@ -87,8 +90,8 @@ def method_outputs(method: str, seed: int, lr: float = PROTOCOL.lr) -> Optional[
             return None
         return {name: {"log_probs": torch.stack([probs_of(m["outputs"][name]) for m in members]).mean(0).log().tolist(),
                        "labels": members[0]["outputs"][name]["labels"]} for name in members[0]["outputs"]}
-    if method == "ours_mean":
-        record = _load("ours", seed, lr)
+    if method in ("ours_mean", "ours_learned_mean"):
+        record = _load(method[: -len("_mean")], seed, lr)
         return None if record is None else record["mean_adapter"]
     record = _load(method, seed, lr)
     return None if record is None else record["outputs"]
@@ -157,6 +160,35 @@ def _targets(table: dict) -> list[str]:
                f"{'hit' if mean(ours, name, 'accuracy') >= mean('lora', name, 'accuracy') - 0.01 else 'missed'}"
                if name == "test" else "")
         )
+    return lines
+
+
+def learned_targets(table: dict) -> list[str]:
+    """Issue #31's targets for the learned-width variant (means over its seeds; intervals in the tables)."""
+    seeds = [s for s in _seeds() if method_outputs("ours_learned", s) is not None]
+    if not seeds:
+        return ["- the learned-width variant (ours_learned) has not run yet."]
+
+    def mean(method, name, key):
+        values = table.get(method, {}).get(name, {}).get(key)
+        return float(np.mean(values)) if values else float("nan")
+
+    lines = []
+    for name in ("val", "test"):
+        pred = [set_metrics(method_outputs("ours_learned", s)[name])["nll"] for s in seeds]
+        mean_nll = [set_metrics(method_outputs("ours_learned_mean", s)[name])["nll"] for s in seeds]
+        lines.append(f"- {name}: predictive NLL {np.mean(pred):.3f} vs its mean adapter's {np.mean(mean_nll):.3f} "
+                     f"({len(seeds)} seeds): {'hit' if np.mean(pred) < np.mean(mean_nll) else 'missed'}")
+    for name in ("test", "shift"):
+        best = min(("ours_ts", "ours_learned_ts"), key=lambda m: mean(m, name, "nll") if table.get(m) else float("inf"))
+        lines.append(
+            f"- {SETS[name]}: {best} NLL {mean(best, name, 'nll'):.3f} / ECE {mean(best, name, 'ece'):.3f} vs LoRA + TS "
+            f"{mean('lora_ts', name, 'nll'):.3f} / {mean('lora_ts', name, 'ece'):.3f}: "
+            f"{'hit' if mean(best, name, 'nll') < mean('lora_ts', name, 'nll') and mean(best, name, 'ece') < mean('lora_ts', name, 'ece') else 'missed'}; "
+            f"without TS ECE {mean('ours_learned', name, 'ece'):.3f} vs 0.5 x LoRA {0.5 * mean('lora', name, 'ece'):.3f}: "
+            f"{'hit' if mean('ours_learned', name, 'ece') <= 0.5 * mean('lora', name, 'ece') else 'missed'}; accuracy "
+            f"{mean('ours_learned', name, 'accuracy'):.3f} vs LoRA - 1 point {mean('lora', name, 'accuracy') - 0.01:.3f}: "
+            f"{'hit' if mean('ours_learned', name, 'accuracy') >= mean('lora', name, 'accuracy') - 0.01 else 'missed'}")
     return lines
 
 
@@ -251,7 +283,8 @@ def write_report(command: str) -> str:
                 f"{_cell(cells['ece'])} | {_cell(cells['aurc'])} | {_cell(cells['confidence'])} |"
             )
         lines.append("")
-    lines += ["## Targets (issue #25)", "", *_targets(table), "", "## Learning-rate robustness", "", *lr_study(), ""]
+    lines += ["## Targets (issue #25)", "", *_targets(table), "", "## Targets of the learned width (issue #31)", "",
+              *learned_targets(table), "", "## Learning-rate robustness", "", *lr_study(), ""]
     report = "\n".join(lines)
     os.makedirs(OUT, exist_ok=True)
     with open(os.path.join(OUT, "arc.md"), "w", encoding="utf-8") as handle:

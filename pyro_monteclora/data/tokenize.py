@@ -11,8 +11,11 @@ or ``test`` for evaluation), a list of dicts, or the path of a local JSON / JSON
   labels, refuses a single class).
 - causal LM: ``instruction``/``input``/``output`` (the format of the paper's commonsense and
   math sets, with the Alpaca prompt they were trained with), ``prompt``/``completion``, or chat
-  ``messages`` (a list of ``{"role", "content"}``; the last message is the target). Only the
-  target tokens are scored: prompt and padding labels are ``IGNORE_INDEX``.
+  ``messages`` (a list of ``{"role", "content"}``; the last message is the target), or
+  multiple-choice rows ``question``/``choices``/``label`` (:mod:`pyro_monteclora.data.choices`),
+  trained by SFT on the right continuation in lm-eval's context (``"Question: q\nAnswer:"`` ->
+  ``" " + the right choice`` + EOS). Only the target tokens are scored: prompt and padding labels
+  are ``IGNORE_INDEX``.
 
 Example:
     >>> from pyro_monteclora.data import format_instruction
@@ -29,6 +32,7 @@ from typing import Any, Iterator, Optional, Sequence, Union
 import torch
 from datasets import Dataset, DatasetDict
 
+import pyro_monteclora.data.choices as choice_rows
 from .files import DataLike, load_data
 from ..models.likelihood import IGNORE_INDEX
 
@@ -183,14 +187,24 @@ def tokenize_causal_lm(data: Dataset, tokenizer: Any, max_length: int) -> list[d
     """
     if len(data) == 0:
         raise ValueError("the dataset is empty: it needs at least one example")
+    if choice_rows.is_choice_data(data.column_names):  # SFT on the right continuation, in lm-eval's context
+        rows = choice_rows.check_choice_rows(data)
+        return _keep_targets(encode_prompt_completion(
+            tokenizer, [choice_rows.context(r) for r in rows], [choice_rows.continuations(r)[r["label"]] for r in rows]),
+            max_length)
     columns = _require_columns(
         data, [("instruction", "output"), ("prompt", "completion"), ("messages",)], "causal LM"
     )
     if columns != ("messages",):
         _check_texts(data, columns)
     pairs = [_prompt_and_target(row, columns, tokenizer) for row in data]
+    return _keep_targets(encode_prompt_completion(tokenizer, [p for p, _ in pairs], [t for _, t in pairs]), max_length)
+
+
+def _keep_targets(encoded: list[dict[str, list[int]]], max_length: int) -> list[dict[str, list[int]]]:
+    """The examples cut to ``max_length``, without those whose target was cut off entirely."""
     examples = []
-    for example in encode_prompt_completion(tokenizer, [p for p, _ in pairs], [t for _, t in pairs]):
+    for example in encoded:
         example = {key: values[:max_length] for key, values in example.items()}
         if any(label != IGNORE_INDEX for label in example["labels"][1:]):
             examples.append(example)

@@ -46,6 +46,7 @@ from .format import (
 from ..layers import ADAPTER_NAME
 from .model_card import model_card
 from ..quantization import is_quanto, dense_weight, quantization_of
+from ..quiet import quiet
 
 __all__ = ["save_pretrained", "save_merged", "save_result", "save_trained", "merged_state_dict", "final_metrics"]
 
@@ -57,7 +58,8 @@ def _write_adapter(monteclora: AdapterModel, folder: str, metrics: Optional[dict
     check_finite(posterior, "the variational posterior")
     check_finite(get_peft_model_state_dict(monteclora.network, adapter_name=ADAPTER_NAME), "the adapter")
     os.makedirs(folder, exist_ok=True)
-    monteclora.network.save_pretrained(folder, safe_serialization=True)
+    with quiet():
+        monteclora.network.save_pretrained(folder, safe_serialization=True)
     save_file(posterior, os.path.join(folder, POSTERIOR_NAME), metadata={"format": "pt"})
     write_json(os.path.join(folder, CONFIG_NAME), metadata_record(monteclora, metrics))
     readme = os.path.join(folder, "README.md")
@@ -175,7 +177,8 @@ def save_merged(
         if quantized:
             state = {k: v for k, v in state.items() if not k.endswith(("input_scale", "output_scale"))}
         check_finite(state, "the merged model")
-        base.save_pretrained(tmp, state_dict=state)
+        with quiet():  # transformers' "Writing model shards" bar
+            base.save_pretrained(tmp, state_dict=state)
         if monteclora.tokenizer is not None:
             monteclora.tokenizer.save_pretrained(tmp)
         _write_adapter(monteclora, os.path.join(tmp, ADAPTER_SUBFOLDER), metrics, card=True)

@@ -80,7 +80,7 @@ def generate_answers(
     predictions, correct = [], 0
     for row, response in zip(rows, responses):
         match = ANSWER_FORMAT.search(row.get("instruction", ""))
-        if match is None or "answer" not in row:
+        if match is None or row.get("answer") is None:
             raise ValueError("each row needs 'Answer format: a/b/...' in its instruction and an 'answer'")
         prediction = extract_answer(response, match.group(1).split("/"))
         predictions.append(prediction)

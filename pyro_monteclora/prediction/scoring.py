@@ -153,7 +153,7 @@ def instruction_choices(row: Mapping[str, Any]) -> tuple[list[str], int]:
     each allowed answer in place of the true one.
     """
     match = ANSWER_FORMAT.search(row.get("instruction", ""))
-    if match is None or "answer" not in row or "output" not in row:
+    if match is None or row.get("answer") is None or row.get("output") is None:  # None: a file's row without it
         raise ValueError("an instruction row needs 'Answer format: a/b/...' in its instruction, and 'output' and 'answer'")
     choices = match.group(1).split("/")
     answer, output = str(row["answer"]), str(row["output"])
@@ -179,7 +179,7 @@ def candidate_completions(row: Mapping[str, Any], prefix: str = ANSWER_PREFIX) -
         >>> candidate_completions({"instruction": "Is ice cold?\\n\\nAnswer format: true/false"})
         ['the correct answer is true', 'the correct answer is false']
     """
-    if "output" in row and "answer" in row:
+    if row.get("output") is not None and row.get("answer") is not None:  # a file's rows may lack them: None
         return instruction_choices(row)[0]
     match = ANSWER_FORMAT.search(str(row.get("instruction", "")))
     if match is None:

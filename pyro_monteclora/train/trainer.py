@@ -34,6 +34,11 @@ data plate counts examples (sequences). The logged ``loss`` is the step's object
 Each process draws its own adapter from its own random stream (seeded ``seed`` + process
 index), so a step averages ``W * G`` Monte Carlo draws.
 
+Under FSDP2 (``TrainingArguments(fsdp=True, fsdp_config={"version": 2})`` or ``accelerate launch
+--config_file`` with ``fsdp_version: 2``) the frozen base and the LoRA factors are sharded per
+decoder layer, the guide stays whole on every process, and checkpoints hold whole tensors
+(:mod:`pyro_monteclora.train.sharding`); the weighting is the same as under DDP.
+
 Example:
     >>> from transformers import TrainingArguments
     >>> from pyro_monteclora import MonteCLoRA, MonteCLoRATrainer
@@ -55,6 +60,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import os
 import shutil
 from typing import Any, Optional
@@ -71,6 +77,11 @@ from .distributed import check_distributed_type, check_process_count
 from .divergence import CAUSES, DivergenceMonitor, TrainingDiverged
 from .draw import HeldDraw
 from .elbo import ELBOLoss, LossTerms
+from .kl_schedule import kl_factor
+from .sharding import (
+    ShardView, all_reduce_min, configure_plugin, enable_fsdp_on_cpu, fsdp_version, full_parameters, load_optimizer,
+    local_tensor, requested_fsdp_plugin, save_optimizer, separate_groups,
+)
 
 __all__ = ["MonteCLoRATrainerMixin", "MonteCLoRATrainer", "micro_batch_weights"]
 
@@ -127,10 +138,14 @@ class MonteCLoRATrainerMixin:
         if not isinstance(model, MonteCLoRA):
             raise TypeError("MonteCLoRATrainer needs model=: a MonteCLoRA or a transformers model")
         super().__init__(*args, **kwargs)
-        check_distributed_type(str(self.accelerator.distributed_type), self.is_deepspeed_enabled, self.is_fsdp_enabled)
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None) if self.is_fsdp_enabled else None
+        check_distributed_type(str(self.accelerator.distributed_type), self.is_deepspeed_enabled, self.is_fsdp_enabled,
+                               fsdp_version(plugin) if plugin is not None else 2)
         check_process_count(get_int_from_env(_WORLD_SIZE_VARIABLES, 1), self.accelerator.num_processes)
         self.monteclora: MonteCLoRA = model
         config = model.monteclora_config
+        if plugin is not None:  # the guide stays whole on every process; the network is sharded
+            configure_plugin(plugin, model.guide, column_kl=config.column_prior or config.variant == "learned")
         self.loss_is_scaled_for_ga = True
         self.elbo = ELBOLoss(model.model, model.guide, config.kl_weight, config.cooperative_weight,
                              column_prior=config.column_prior,
@@ -142,6 +157,19 @@ class MonteCLoRATrainerMixin:
         self._micro_terms: list[dict[str, torch.Tensor]] = []  # this optimizer step's micro-batches
         self._logged_steps: list[dict[str, torch.Tensor]] = []  # steps since the last log record
         self.step_terms: dict[str, torch.Tensor] = {}  # the last step's terms, averaged over its micro-batches
+
+    def create_accelerator_and_postprocess(self) -> None:
+        """Trainer's accelerator; FSDP2 asked for on CPUs, which accelerate drops, is turned on."""
+        super().create_accelerator_and_postprocess()
+        if not self.is_fsdp_enabled and self.accelerator.num_processes > 1:
+            plugin = requested_fsdp_plugin(self.args.fsdp_plugin_args)
+            self.is_fsdp_enabled = enable_fsdp_on_cpu(self.accelerator, plugin)
+
+    def create_optimizer(self, model: Optional[torch.nn.Module] = None) -> torch.optim.Optimizer:
+        optimizer = super().create_optimizer(model)
+        if self.is_fsdp_enabled:  # the guide stays plain tensors, the rest become DTensors: separate groups
+            separate_groups(optimizer, self.monteclora.guide.parameters())
+        return optimizer
 
     # --- the objective ------------------------------------------------------------------------
 
@@ -176,6 +204,7 @@ class MonteCLoRATrainerMixin:
             outputs = model(**inputs)
             return (outputs.loss, outputs) if return_outputs else outputs.loss
         batch = dict(inputs)
+        self.elbo.kl_weight = self._kl_weight(self.state.global_step + 1)
         local = _batch_size(batch)
         step_examples = self._step_examples or local * self.current_gradient_accumulation_steps
         w_nll, w_reg = micro_batch_weights(
@@ -193,6 +222,15 @@ class MonteCLoRATrainerMixin:
         self.divergence.record_terms(step, {k: detached[k] for k in TERMS})
         self._micro_terms.append({k: detached[k] for k in ("loss",) + TERMS})
         return (loss, detached) if return_outputs else loss
+
+    def _kl_weight(self, step: int) -> float:
+        """``kl_weight`` times the config's KL schedule at optimizer step ``step``."""
+        config = self.monteclora.monteclora_config
+        if config.kl_schedule == "constant":
+            return config.kl_weight
+        epochs = max(1, math.ceil(self.args.num_train_epochs)) if self.args.max_steps <= 0 else 1
+        per_epoch = max(1, math.ceil(self.state.max_steps / epochs))
+        return config.kl_weight * kl_factor(config.kl_schedule, step, per_epoch)
 
     def _objective(self, batch: dict[str, Any], regularizer_weight: float) -> LossTerms:
         """The ELBO terms of one draw, run inside the model's ``forward`` (so under DDP).
@@ -221,7 +259,7 @@ class MonteCLoRATrainerMixin:
             reached = list(self.monteclora.guide.parameters()) + self.elbo.column_parameters()
             self.held_draw.backward_to_guide(reached, self._average)
             if self.accelerator.sync_gradients:  # the step's last micro-batch: its gradients are complete
-                self.divergence.record_gradients(self.state.global_step + 1, self._trainable())
+                self.divergence.record_gradients(self.state.global_step + 1, self._trainable(local=True))
                 self.step_terms = _mean(self._micro_terms)
                 self._logged_steps.append(self.step_terms)
                 self._micro_terms = []
@@ -238,22 +276,28 @@ class MonteCLoRATrainerMixin:
 
     # --- logging and divergence ---------------------------------------------------------------
 
-    def _trainable(self) -> list[tuple[str, torch.nn.Parameter]]:
-        """Trainable tensors, named as in the transformers model (``bert.encoder...lora_A...``)."""
+    def _trainable(self, local: bool = False) -> list[tuple[str, Any]]:
+        """Trainable tensors, named as in the transformers model (``bert.encoder...lora_A...``);
+        ``local``: this process's shards under FSDP (tensors whose ``.grad`` is the shard's)."""
         prefix = "model.network.base_model.model."
-        return [(n[len(prefix):] if n.startswith(prefix) else n, p)
+        return [(n[len(prefix):] if n.startswith(prefix) else n, ShardView(p) if local else p)
                 for n, p in self.monteclora.named_parameters() if p.requires_grad]
 
-    def _check_divergence(self, step: Optional[int] = None) -> None:
+    def _check_divergence(self, step: Optional[int] = None, synchronize: bool = True) -> None:
+        """Raise :class:`TrainingDiverged` if training diverged; ``synchronize``: merge the records of every
+        process first (all must call it then), so that all of them raise together."""
+        if synchronize and self.accelerator.num_processes > 1:
+            self.divergence.merge(all_reduce_min)
         supports = {}
         for name, posterior in self.monteclora.guide.posteriors.items():
             supports[f"guide.{name}.concentration"] = posterior.concentration
             supports[f"guide.{name}.scale_diag"] = posterior.scale_diag
-        self.divergence.check(dict(self._trainable()), supports, self.state.global_step if step is None else step)
+        parameters = {n: local_tensor(p) for n, p in self._trainable()}
+        self.divergence.check(parameters, supports, self.state.global_step if step is None else step)
 
     def _diverged_in_forward(self, step: int, error: ValueError) -> None:
         """Turn a distribution's validation error on a non-finite value into :class:`TrainingDiverged`."""
-        self._check_divergence(step)  # names the parameter or support that went bad, if one did
+        self._check_divergence(step, synchronize=False)  # names the parameter or support that went bad, if one did
         text = str(error)
         if "Expected parameter" in text and "invalid values" in text:
             term = "the nll term (the network's logits)" if "Categorical" in text else "a variational parameter"
@@ -272,6 +316,9 @@ class MonteCLoRATrainerMixin:
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
         if self.accelerator.num_processes > 1:  # a draw of its own on each process
+            # ... but one order of the examples: accelerate's sampler seeds from the global seed unless given one
+            if self.accelerator.dataloader_config.data_seed is None:
+                self.accelerator.dataloader_config.data_seed = self.args.seed
             torch.manual_seed(self.args.seed + self.accelerator.process_index)
         output = super().train(*args, **kwargs)
         self._check_divergence()
@@ -295,6 +342,26 @@ class MonteCLoRATrainerMixin:
         with open(os.path.join(output_dir, "training_args.json"), "w", encoding="utf-8") as handle:
             handle.write(self.args.to_json_string())
 
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
+        """Trainer's ``save_model``; under FSDP every process gathers the trainable tensors whole, then the
+        main process writes the same adapter folder as one process would."""
+        if not self.is_fsdp_enabled:
+            return super().save_model(output_dir, _internal_call)
+        with full_parameters(self.monteclora):
+            self._save(output_dir)
+        if self.args.push_to_hub and not _internal_call:
+            self.push_to_hub(commit_message="Model save", revision=self.args.hub_revision)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self.is_fsdp_enabled:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        save_optimizer(self.model, self.optimizer, self.lr_scheduler, output_dir, write=self.args.should_save)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: Optional[str]) -> None:
+        if not self.is_fsdp_enabled or checkpoint is None:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        load_optimizer(self.model, self.optimizer, self.lr_scheduler, checkpoint)
+
     def _save_checkpoint(self, model: torch.nn.Module, trial: Any) -> None:
         """Trainer's checkpoint; an interrupted write (an exception, Ctrl-C) removes the partial folder."""
         folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
@@ -307,11 +374,13 @@ class MonteCLoRATrainerMixin:
             raise
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Optional[torch.nn.Module] = None) -> None:
-        restore_adapter_state(self.monteclora, resume_from_checkpoint)
+        with full_parameters(self.monteclora, write_back=True):  # under FSDP: loaded whole, then into the shards
+            restore_adapter_state(self.monteclora, resume_from_checkpoint)
 
     def _load_best_model(self) -> None:
         if self.state.best_model_checkpoint:
-            restore_adapter_state(self.monteclora, self.state.best_model_checkpoint)
+            with full_parameters(self.monteclora, write_back=True):
+                restore_adapter_state(self.monteclora, self.state.best_model_checkpoint)
 
 
 class MonteCLoRATrainer(MonteCLoRATrainerMixin, Trainer):
