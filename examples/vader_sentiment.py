@@ -24,7 +24,7 @@ import os
 import time
 
 import torch
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoModelForSequenceClassification, set_seed
 
 import pyro_monteclora
 from pyro_monteclora.calibration import (
@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     train = data["train"].select(range(args.train_size))
     val = data["train"].select(range(args.train_size, args.train_size + args.val_size))
     test = data["test"]
+    set_seed(args.seed)  # the new classification head is drawn from the global random state
     with quiet():  # transformers' load report: the classification head is new, as it should be
         model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
     result = pyro_monteclora.train(model, train, num_epochs=args.epochs, batch_size=32, seed=args.seed,
