@@ -23,7 +23,9 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any, Optional, Union
 
-TASKS = ("auto", "classification", "causal_lm")
+TASKS = ("auto", "classification", "causal_lm", "multiple_choice")
+#: What a multiple-choice row's choice scores are (:mod:`pyro_monteclora.models.choices`).
+CHOICE_SCORES = ("sum", "per_char")
 SCHEDULERS = ("constant", "linear", "cosine")
 QUANTIZATIONS = (None, "int4", "int8")
 MIXED_PRECISIONS = (None, "bf16", "fp16")
@@ -88,7 +90,14 @@ class MonteCLoRAConfig:
             normal draws per layer. Off by default, as in the paper.
         group_layers: give layers of equal shape one vectorized set of sample sites (a plate over
             layers) instead of three sites per layer. Same distribution, less bookkeeping.
-        task: ``"classification"``, ``"causal_lm"`` or ``"auto"`` (from the model class).
+        task: ``"classification"``, ``"causal_lm"``, ``"multiple_choice"`` or ``"auto"`` (from the
+            model class). ``"multiple_choice"`` trains a causal LM on rows with ``question``,
+            ``choices`` and ``label``: the label is observed from a Categorical over the choices'
+            continuation log-likelihoods under the drawn adapter (:mod:`pyro_monteclora.models.choices`).
+            Under ``"auto"`` (or ``"causal_lm"``) such rows train by SFT on the right answer.
+        choice_score: with ``task="multiple_choice"``, the Categorical's logits: ``"sum"`` (each
+            choice's summed log-likelihood, lm-eval's ``acc``) or ``"per_char"`` (divided by the
+            choice's characters, lm-eval's ``acc_norm``).
         learning_rate: AdamW learning rate for A, B, the head and the variational parameters.
         num_epochs: passes over the training data.
         batch_size: examples per micro-batch on each process (Trainer's
@@ -96,7 +105,9 @@ class MonteCLoRAConfig:
             gradient_accumulation_steps * processes`` examples.
         gradient_accumulation_steps: micro-batches accumulated per optimizer step.
         gradient_checkpointing: activation checkpointing of the transformer blocks. ``None``
-            turns it on for causal LMs and off for classifiers. The recomputed forward pass uses
+            turns it on for causal LMs and off for classifiers and ``task="multiple_choice"``
+            (whose choices run on the prompt's KV cache, which transformers turns off under
+            checkpointing; with it on they run one pass per choice). The recomputed forward pass uses
             exactly the adapter drawn for that step.
         mixed_precision: ``None`` (float32), ``"bf16"`` or ``"fp16"`` autocast of the network;
             the variational parameters, the Wishart and Dirichlet draws and the KLs stay float32.
@@ -155,7 +166,12 @@ class MonteCLoRAConfig:
     group_layers: bool = field(
         default=True, metadata={"help": "One vectorized site per group of equally shaped layers."}
     )
-    task: str = field(default="auto", metadata={"help": "classification, causal_lm or auto."})
+    task: str = field(
+        default="auto", metadata={"help": "classification, causal_lm, multiple_choice or auto (from the model)."}
+    )
+    choice_score: str = field(
+        default="sum", metadata={"help": "multiple_choice: summed log-likelihoods (sum) or per character (per_char)."}
+    )
     # --- training --------------------------------------------------------------------------
     learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate."})
     guide_learning_rate: Optional[float] = field(
@@ -241,6 +257,8 @@ class MonteCLoRAConfig:
             )
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.choice_score not in CHOICE_SCORES:
+            raise ValueError(f"choice_score must be one of {CHOICE_SCORES}, got {self.choice_score!r}")
         if self.lr_scheduler not in SCHEDULERS:
             raise ValueError(f"lr_scheduler must be one of {SCHEDULERS}, got {self.lr_scheduler!r}")
         if self.quantization not in QUANTIZATIONS:

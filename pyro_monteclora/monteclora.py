@@ -26,6 +26,7 @@ from .io import PathLike, save_merged, save_pretrained
 from .io.read import check_model_path, check_num_labels, read_adapter, restore_adapter
 from .layers import LayerGroup, attach_lora
 from .models import MonteCLoRAModel
+from .models.choices import choice_log_likelihoods, choice_logits, is_choice_batch
 from .models.model import NON_INPUT_KEYS
 from .quantization import load_base_model
 
@@ -60,13 +61,13 @@ ENCODER_MODEL_TYPES = frozenset({
 })
 
 
-def check_decoder(model: nn.Module) -> None:
+def check_decoder(model: nn.Module, task: str = "causal_lm") -> None:
     """Refuse an encoder-only model for causal-LM training, with the reason and what to use instead."""
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type in ENCODER_MODEL_TYPES and not getattr(config, "is_decoder", False):
         raise ValueError(
-            f"task='causal_lm' needs a decoder (a causal language model such as Llama, GPT-2 or SmolLM2), "
+            f"task={task!r} needs a decoder (a causal language model such as Llama, GPT-2 or SmolLM2), "
             f"but {type(model).__name__} is a {model_type} encoder; use task='classification' with it"
         )
 
@@ -118,8 +119,9 @@ class MonteCLoRA(nn.Module):
         """Attach a MonteCLoRA adapter to a transformers model (modified in place by peft)."""
         config = (config or MonteCLoRAConfig()).replace(**overrides)
         task = infer_task(model) if config.task == "auto" else config.task
-        if task == "causal_lm":
-            check_decoder(model)
+        if task in ("causal_lm", "multiple_choice"):  # multiple choice: a causal LM scoring each choice
+            check_decoder(model, task)
+            task = "causal_lm"
         if config.quantization:
             from .quantization import quantization_of, quantize_base
 
@@ -198,7 +200,12 @@ class MonteCLoRA(nn.Module):
         return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items() if k not in NON_INPUT_KEYS}
 
     def mean_logits(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """Logits of the mean adapter (``A~ = E[A~] = A``): exactly the peft LoRA model."""
+        """Logits of the mean adapter (``A~ = E[A~] = A``): exactly the peft LoRA model.
+
+        For a multiple-choice batch, the ``(rows, K)`` logits over the choices (:mod:`.models.choices`).
+        """
+        if is_choice_batch(batch):
+            return choice_logits(choice_log_likelihoods(self.network, batch)[0][0], batch, self.model.choice_score)
         return self.network(**self._inputs(batch)).logits
 
     def sample_logits(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:

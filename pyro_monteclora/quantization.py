@@ -133,9 +133,11 @@ def _auto_class(task: str) -> Any:
 
     if task == "classification":
         return AutoModelForSequenceClassification
-    if task == "causal_lm":
+    if task in ("causal_lm", "multiple_choice"):  # multiple choice trains a causal LM
         return AutoModelForCausalLM
-    raise ValueError(f"task must be 'classification' or 'causal_lm' to load a model from a path, got {task!r}")
+    raise ValueError(
+        f"task must be 'classification', 'causal_lm' or 'multiple_choice' to load a model from a path, got {task!r}"
+    )
 
 
 def task_of_folder(path: str) -> str:
@@ -165,8 +167,9 @@ def load_base_model(
 
     Args:
         path_or_model: a local folder or hub id (weights read from safetensors only), or a model.
-        task: ``"classification"``, ``"causal_lm"`` or ``"auto"`` (from the folder's
-            ``architectures``; a folder without a task head counts as classification).
+        task: ``"classification"``, ``"causal_lm"`` (or ``"multiple_choice"``, a causal LM) or
+            ``"auto"`` (from the folder's ``architectures``; a folder without a task head counts as
+            classification).
         quantization: ``None``, ``"int8"`` or ``"int4"``: bitsandbytes on CUDA, optimum-quanto
             on the CPU.
         num_labels, id2label: classification head size and label names.

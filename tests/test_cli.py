@@ -219,3 +219,38 @@ def test_predict_and_evaluate_a_causal_lm_by_its_candidate_answers(tmp_path, cap
     assert main(["evaluate", *common, "--data", str(tmp_path / "labelled.jsonl")]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert set(metrics) == {"mean", "predictive"} and 0 <= metrics["predictive"]["accuracy"] <= 1
+
+
+def test_train_a_causal_lm_by_the_multiple_choice_likelihood(tmp_path, capsys):
+    """``train --task multiple_choice`` on question/choices/label rows: a causal-LM adapter whose
+    training history shows the Categorical's NLL per row (bounded by ln K at the start), loadable as usual."""
+    import pyro_monteclora
+    from pyro_monteclora.cli import main
+    from pyro_monteclora.testing import tiny_llama
+
+    tokenizer = toy_tokenizer(TOY_WORDS + ["yes", "no"], str(tmp_path))
+    tiny_llama(vocab_size=len(tokenizer)).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    rows = [{"question": f"is {w} good", "choices": ["yes", "no"] if i % 2 else ["no", "yes"], "label": i % 2}
+            for i, w in enumerate(TOY_WORDS * 2)]
+    with open(tmp_path / "rows.jsonl", "w") as handle:
+        handle.writelines(json.dumps(r) + "\n" for r in rows)
+    code = main(["train", "--model", str(tmp_path / "base"), "--data", str(tmp_path / "rows.jsonl"), "--task",
+                 "multiple_choice", "--choice-score", "per_char", "--epochs", "1", "--batch-size", "4", "--lora-r",
+                 "4", "--output-dir", str(tmp_path / "out"), "--no-merge-adapter"])
+    assert code == 0, capsys.readouterr().err
+    config = json.loads((tmp_path / "out" / "monteclora_config.json").read_text())
+    assert config["config"]["task"] == "multiple_choice" and config["config"]["choice_score"] == "per_char"
+    loaded = pyro_monteclora.load(tiny_llama(vocab_size=len(tokenizer)), str(tmp_path / "out"))
+    assert loaded.task == "causal_lm"
+    with pytest.raises(SystemExit):  # argparse: one line naming the choices
+        main(["train", "--model", str(tmp_path / "base"), "--data", str(tmp_path / "rows.jsonl"), "--task",
+              "multiple_choice", "--choice-score", "mean", "--output-dir", str(tmp_path / "bad")])
+    assert "invalid choice: 'mean' (choose from 'sum', 'per_char')" in capsys.readouterr().err
+    with open(tmp_path / "sft.jsonl", "w") as handle:  # rows of another kind: one error naming the columns
+        handle.write(json.dumps({"prompt": "the good", "completion": "yes"}) + "\n")
+    assert main(["train", "--model", str(tmp_path / "base"), "--data", str(tmp_path / "sft.jsonl"), "--task",
+                 "multiple_choice", "--output-dir", str(tmp_path / "bad")]) != 0
+    err = capsys.readouterr().err
+    assert "task='multiple_choice' trains on rows with question" in err and "Traceback" not in err
+    assert not (tmp_path / "bad").exists()

@@ -22,7 +22,7 @@ import json
 import typing
 from typing import Any, Callable
 
-from ..config import QUANTIZATIONS, SCHEDULERS, TASKS, MonteCLoRAConfig
+from ..config import CHOICE_SCORES, QUANTIZATIONS, SCHEDULERS, TASKS, MonteCLoRAConfig
 
 __all__ = ["build_parser", "config_overrides", "FLAG_NAMES", "CHOICES", "NOT_FLAGS"]
 
@@ -31,7 +31,8 @@ FLAG_NAMES = {
     "num_epochs": ("--epochs", "--num-epochs"),
     "learning_rate": ("--lr", "--learning-rate"),
 }
-CHOICES = {"task": TASKS, "lr_scheduler": SCHEDULERS, "quantization": tuple(q for q in QUANTIZATIONS if q) + ("none",)}
+CHOICES = {"task": TASKS, "choice_score": CHOICE_SCORES, "lr_scheduler": SCHEDULERS,
+           "quantization": tuple(q for q in QUANTIZATIONS if q) + ("none",)}
 #: Fields the CLI sets itself rather than through a flag.
 NOT_FLAGS = ("output_dir",)
 

@@ -23,7 +23,6 @@ Example:
 from __future__ import annotations
 
 import functools
-import inspect
 from typing import Any, Callable, Mapping, Optional
 
 import torch
@@ -31,27 +30,16 @@ from torch import nn
 
 from ..config import MonteCLoRAConfig
 from ..layers import LayerGroup, StochasticLoraA, noise_context
+from .choices import choice_log_likelihoods, choice_logits, is_choice_batch, multiple_choice_likelihood
+from .choices import supports_logits_to_keep
 from .likelihood import causal_lm_likelihood, classification_likelihood, target_positions
 from .noise import adapter_noise
 from .precision import float32
 from .prior import GroupPrior
 
-__all__ = ["MonteCLoRAModel", "NON_INPUT_KEYS"]
+__all__ = ["MonteCLoRAModel", "NON_INPUT_KEYS", "supports_logits_to_keep"]
 
 NON_INPUT_KEYS = ("labels", "index")
-
-
-def supports_logits_to_keep(network: nn.Module) -> bool:
-    """Whether a (peft-wrapped) transformers LM computes logits only at given per-row positions.
-
-    transformers' ``slice_logits_to_keep`` (5.x) takes a ``(batch, K)`` tensor of positions; a
-    model whose ``forward`` has ``logits_to_keep`` and a transformers that has the function
-    qualify. Older versions slice a 2D tensor differently, so they get full logits.
-    """
-    import transformers.modeling_utils as modeling_utils
-
-    base = network.get_base_model() if hasattr(network, "get_base_model") else network
-    return hasattr(modeling_utils, "slice_logits_to_keep") and "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 class MonteCLoRAModel(nn.Module):
@@ -74,6 +62,7 @@ class MonteCLoRAModel(nn.Module):
         self.task = task
         self.sample_scaler = config.sample_scaler
         self.collapsed = config.collapse_components
+        self.choice_score = config.choice_score
         self.priors = nn.ModuleDict(
             {
                 g.name: GroupPrior(
@@ -115,6 +104,8 @@ class MonteCLoRAModel(nn.Module):
         activation checkpointing); without it, the slots are emptied on return.
         """
         latents = {name: prior() for name, prior in self.priors.items()}
+        if is_choice_batch(batch):
+            return self._choices(batch, latents, dataset_size, hold)
         inputs = {k: v for k, v in batch.items() if k not in NON_INPUT_KEYS}
         labels = batch.get("labels")
         positions = None
@@ -136,6 +127,22 @@ class MonteCLoRAModel(nn.Module):
             self.likelihood(logits, labels, dataset_size, batch.get("index"), positions)
         else:
             self.likelihood(logits, labels, dataset_size, batch.get("index"))
+        return logits
+
+    def _choices(self, batch: Mapping[str, torch.Tensor], latents: dict, dataset_size: Optional[int],
+                 hold: Optional[Any]) -> torch.Tensor:
+        """The multiple-choice likelihood (:mod:`.choices`): the label from a Categorical over the
+        choices' continuation log-likelihoods under the drawn adapter; returns its logits ``(rows, K)``."""
+        with float32(batch["choice_ids"]):
+            noise = self.noise(latents)
+        if hold is not None:
+            hold.take(noise)
+            scores = choice_log_likelihoods(self.network, batch)[0][0]
+        else:
+            with noise_context(self.groups, noise):
+                scores = choice_log_likelihoods(self.network, batch)[0][0]
+        logits = choice_logits(scores, batch, self.choice_score)
+        multiple_choice_likelihood(logits, batch.get("labels"), dataset_size, batch.get("index"))
         return logits
 
     def lora_a(self) -> dict[str, torch.Tensor]:

@@ -26,17 +26,14 @@ Example:
 
 from __future__ import annotations
 
-import inspect
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Sequence, Union
 
 import torch
 
 from ..data.tokenize import batches
 from ..layers import noise_context
-from ..models.likelihood import IGNORE_INDEX
-from ..models.model import supports_logits_to_keep
-from ..monteclora import device_of
-from .draws import eval_mode, repeat_rows
+from ..models.choices import cache_argument, choice_batch, choice_log_likelihoods, shared_length
+from .draws import eval_mode
 from .predictive import Predictive
 
 __all__ = [
@@ -167,25 +164,6 @@ def network_candidate_scores(
     return torch.cat(parts, dim=1)
 
 
-def cache_argument(network: Any) -> Optional[str]:
-    """The name under which the LM's ``forward`` takes a KV cache (transformers 5.2x: ``cache``,
-    before: ``past_key_values``), or ``None`` if it takes none (or no ``position_ids``)."""
-    base = network.get_base_model() if hasattr(network, "get_base_model") else network
-    parameters = inspect.signature(base.forward).parameters
-    if "position_ids" not in parameters:
-        return None
-    return next((name for name in ("cache", "past_key_values") if name in parameters), None)
-
-
-def shared_length(sequences: list[list[int]]) -> int:
-    """Tokens all sequences share at their start, keeping at least one own token in each."""
-    shortest = min(len(s) for s in sequences)
-    length = 0
-    while length < shortest - 1 and all(s[length] == sequences[0][length] for s in sequences):
-        length += 1
-    return length
-
-
 def shared_prompt_scores(
     network: Any, groups: list[list[dict]], prefixes: list[int], pad_id: int, draws: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,75 +171,7 @@ def shared_prompt_scores(
 
     The rows are repeated ``draws`` times (sample-major): an open noise context holds ``draws``
     adapters, or one (``draws = 1``). ``greedy[s, i, j]``: under draw ``s`` every scored token of
-    candidate ``j`` is the argmax of its position's distribution (lm-eval's ``is_greedy``).
+    candidate ``j`` is the argmax of its position's distribution (lm-eval's ``is_greedy``). The
+    computation is the multiple-choice likelihood's (:mod:`pyro_monteclora.models.choices`).
     """
-    device = device_of(network)
-    b, k, width = len(groups), len(groups[0]), max(prefixes)
-    ids = torch.full((b, width), pad_id, dtype=torch.long)
-    mask = torch.zeros(b, width, dtype=torch.long)
-    keep, keep_valid, targets = [], [], []
-    for i, (group, length) in enumerate(zip(groups, prefixes)):
-        offset = width - length
-        ids[i, offset:] = torch.tensor(group[0]["input_ids"][:length])
-        mask[i, offset:] = 1
-        labels = group[0]["labels"]
-        scored = [j for j in range(1, length) if labels[j] != IGNORE_INDEX]
-        keep.append([offset + j - 1 for j in scored] + [width - 1])  # the last one predicts each candidate's own start
-        targets.append([group[0]["input_ids"][j] for j in scored])
-    m = max(len(p) for p in keep)
-    keep_valid = torch.tensor([[True] * (len(p) - 1) + [False] * (m - len(p)) + [False] for p in keep])
-    positions = torch.tensor([p[:-1] + [p[-1]] * (m - len(p)) + [p[-1]] for p in keep])  # last column: width - 1
-    target_ids = torch.tensor([t + [0] * (m - 1 - len(t)) + [0] for t in targets])
-    position_ids = (mask.cumsum(1) - 1).clamp_min(0)
-    inputs = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids}
-    inputs = {key: value.to(device) for key, value in repeat_rows(inputs, draws).items()}
-    positions, keep_valid, target_ids = (t.to(device) for t in (positions, keep_valid, target_ids))
-    rows_positions = positions.repeat(draws, 1)
-    logits_on = supports_logits_to_keep(network)
-    out = network(**inputs, use_cache=True, **({"logits_to_keep": rows_positions} if logits_on else {}))
-    logits = out.logits if logits_on else out.logits.gather(
-        1, rows_positions[..., None].expand(-1, -1, out.logits.shape[-1])
-    )
-    log_probs = torch.log_softmax(logits.float(), dim=-1).reshape(draws, b, m, -1)
-    picked = log_probs.gather(-1, target_ids.expand(draws, b, m)[..., None]).squeeze(-1)
-    shared = (picked * keep_valid).sum(-1)  # (draws, b)
-    shared_greedy = ((log_probs.argmax(-1) == target_ids) | ~keep_valid).all(-1)  # (draws, b)
-    first = log_probs[:, :, -1]  # (draws, b, V): predicts the first token of each candidate's own part
-
-    rests = [[e["input_ids"][length:] for e in group] for group, length in zip(groups, prefixes)]
-    scored = [[[e["labels"][j] != IGNORE_INDEX for j in range(length, len(e["input_ids"]))] for e in group]
-              for group, length in zip(groups, prefixes)]
-    rest_width = max(len(r) for rest in rests for r in rest)
-    rest_ids = torch.full((b, k, rest_width), pad_id, dtype=torch.long)
-    rest_mask = torch.zeros(b, k, rest_width, dtype=torch.long)
-    rest_scored = torch.zeros(b, k, rest_width, dtype=torch.bool)
-    for i in range(b):
-        for j in range(k):
-            rest = rests[i][j]
-            rest_ids[i, j, : len(rest)] = torch.tensor(rest)
-            rest_mask[i, j, : len(rest)] = 1
-            rest_scored[i, j, : len(rest)] = torch.tensor(scored[i][j])
-    rest_ids, rest_mask, rest_scored = (t.to(device) for t in (rest_ids, rest_mask, rest_scored))
-    first_scores = first.gather(-1, rest_ids[None, :, :, 0].expand(draws, b, k)) * rest_scored[None, :, :, 0]
-    greedy = shared_greedy[..., None] & ((first.argmax(-1)[..., None] == rest_ids[None, :, :, 0]) | ~rest_scored[None, :, :, 0])
-    if rest_width == 1:  # each candidate's own part is one token, scored from the prompt pass
-        return shared[..., None] + first_scores, greedy
-    argument = cache_argument(network)
-    cache = out[argument]
-    cache.batch_repeat_interleave(k)  # rows (draw, prompt) -> (draw, prompt, candidate)
-    prefix_mask = inputs["attention_mask"].repeat_interleave(k, dim=0)
-    start = torch.tensor(prefixes, device=device)[:, None, None] + torch.arange(rest_width, device=device)
-    rest_inputs = {  # the last token is input too (its logits go unused): no candidate has an empty input
-        "input_ids": rest_ids.reshape(b * k, rest_width).repeat(draws, 1),
-        "attention_mask": torch.cat([prefix_mask, rest_mask.reshape(b * k, rest_width).repeat(draws, 1)], dim=1),
-        "position_ids": start.expand(b, k, rest_width).reshape(b * k, rest_width).repeat(draws, 1),
-    }
-    rest_logits = network(**rest_inputs, **{argument: cache}, use_cache=True).logits
-    rest_log_probs = torch.log_softmax(rest_logits[:, :-1].float(), dim=-1).reshape(draws, b, k, rest_width - 1, -1)
-    following = rest_ids[:, :, 1:].expand(draws, b, k, rest_width - 1)
-    rest_picked = rest_log_probs.gather(-1, following[..., None]).squeeze(-1)
-    rest_scores = (rest_picked * rest_scored[None, :, :, 1:]).sum(-1)
-    greedy &= ((rest_log_probs.argmax(-1) == following) | ~rest_scored[None, :, :, 1:]).all(-1)
-    return shared[..., None] + first_scores + rest_scores, greedy
-
-
+    return choice_log_likelihoods(network, choice_batch(groups, prefixes, pad_id), draws, share_prompt=True)

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from datasets import Dataset
 
+from ..data.choice_examples import collate_choices, is_choice_example, tokenize_multiple_choice
 from ..data.tokenize import Collator, pad_token_id, tokenize_causal_lm, tokenize_classification
 from ..monteclora import MonteCLoRA
 
@@ -47,11 +48,18 @@ class ExampleCollator:
     pad_token_id: int
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        return Collator(self.pad_token_id)([(item["index"], item) for item in items])
+        pairs = [(item["index"], item) for item in items]
+        if is_choice_example(items[0]):  # task="multiple_choice": prompts and their choices
+            return collate_choices(pairs, self.pad_token_id)
+        return Collator(self.pad_token_id)(pairs)
 
 
 def tokenize_for(monteclora: MonteCLoRA, data: Dataset, tokenizer: Any, max_length: int) -> list[dict]:
-    """Tokenize ``data`` for the model's task (classification labels checked against its head)."""
+    """Tokenize ``data`` for the model's task (classification labels checked against its head).
+
+    With ``task="multiple_choice"`` in the model's config, one example per row with its choices."""
+    if monteclora.monteclora_config.task == "multiple_choice":
+        return tokenize_multiple_choice(data, tokenizer, max_length)
     if monteclora.task == "classification":
         config = monteclora.network.config
         return tokenize_classification(data, tokenizer, max_length, config.num_labels, getattr(config, "label2id", None))

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback, TrainingArguments
 
 from ..config import MonteCLoRAConfig
+from ..models.choices import is_choice_batch
 from ..models.likelihood import IGNORE_INDEX
 from ..monteclora import MonteCLoRA, device_of
 from .trainer import MonteCLoRATrainer
@@ -60,7 +61,7 @@ def training_arguments(config: MonteCLoRAConfig, task: str, output_dir: str, dev
     """``TrainingArguments`` carrying a :class:`MonteCLoRAConfig`'s training knobs."""
     checkpointing = config.gradient_checkpointing
     if checkpointing is None:
-        checkpointing = task == "causal_lm"
+        checkpointing = task == "causal_lm" and config.task != "multiple_choice"  # choices need the prompt's cache
     if config.mixed_precision == "fp16" and device.type == "cpu":
         raise ValueError("mixed_precision='fp16' needs a CUDA GPU; on the CPU use mixed_precision='bf16'")
     return TrainingArguments(
@@ -201,16 +202,19 @@ def check_trained(result: Any, before: dict[str, torch.Tensor], resumed: bool) -
 @torch.no_grad()
 def evaluate_mean(monteclora: MonteCLoRA, loader: DataLoader) -> dict[str, float]:
     """Accuracy and NLL of the mean adapter (per example; for a causal LM ``nll`` per target token
-    and ``nll_per_sequence``, the unit of the training NLL)."""
+    and ``nll_per_sequence``, the unit of the training NLL; multiple-choice batches: per row, over
+    its choices)."""
     was_training = monteclora.training
     monteclora.eval()
     device = device_of(monteclora)
     total_nll, correct, count, sequences = 0.0, 0, 0, 0
+    choices = False
     for batch in loader:
         batch = {k: v.to(device) for k, v in batch.items()}
         logits = monteclora.mean_logits(batch).float()
         labels = batch["labels"]
-        if monteclora.task == "classification":
+        choices = is_choice_batch(batch)
+        if monteclora.task == "classification" or choices:
             total_nll += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
             correct += int((logits.argmax(-1) == labels).sum())
             count += labels.numel()
@@ -224,6 +228,6 @@ def evaluate_mean(monteclora: MonteCLoRA, loader: DataLoader) -> dict[str, float
             count += int((targets != IGNORE_INDEX).sum())
             sequences += labels.shape[0]
     monteclora.train(was_training)
-    if monteclora.task == "classification":
+    if monteclora.task == "classification" or choices:
         return {"accuracy": correct / count, "nll": total_nll / count}
     return {"nll": total_nll / count, "nll_per_sequence": total_nll / sequences}
