@@ -216,10 +216,15 @@ def _shared_prompt(network: Any, batch: dict[str, torch.Tensor], draws: int) -> 
                                      _repeat(choice_mask.reshape(b * k, rest_width), draws)], dim=1),
         "position_ids": _repeat(start.expand(b, k, rest_width).reshape(b * k, rest_width), draws),
     }
-    rest_logits = network(**rest_inputs, **{argument: cache}, use_cache=True).logits
-    rest_log_probs = torch.log_softmax(rest_logits[:, :-1].float(), dim=-1).reshape(draws, b, k, rest_width - 1, -1)
-    rest_scores, rest_greedy = _scored(rest_log_probs, choice_ids[:, :, 1:].expand(draws, b, k, rest_width - 1),
-                                       scored[:, :, 1:].expand(draws, b, k, rest_width - 1))
+    # the LM head only where a choice's next token is scored (not on padding: choices differ in length)
+    rest_labels = choice_labels.reshape(b * k, rest_width)
+    where, valid = target_positions(rest_labels)
+    targets = rest_labels.gather(1, where + 1).clamp_min(0)
+    rest_logits = _logits_at(network, rest_inputs, _repeat(where, draws), **{argument: cache}, use_cache=True)[1]
+    m = where.shape[1]
+    rest_log_probs = torch.log_softmax(rest_logits.float(), dim=-1).reshape(draws, b, k, m, -1)
+    rest_scores, rest_greedy = _scored(rest_log_probs, targets.reshape(b, k, m).expand(draws, b, k, m),
+                                       valid.reshape(b, k, m).expand(draws, b, k, m))
     return scores + rest_scores, greedy & rest_greedy
 
 
