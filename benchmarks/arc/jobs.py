@@ -25,16 +25,18 @@ from .methods import (
 RESULTS = os.path.join("benchmarks", "results", "arc")
 ADAPTERS = os.path.join("benchmarks", "out", "arc")
 #: Jobs; lora_ts, ours_ts and the ensemble are formed from saved outputs at summary time.
-JOBS = ("lora", "ours", "ours_learned", "ours_recommended", "bayesianize", "blob", "peft_mc", "mc_dropout", "lora_m1",
-        "lora_m2")
+JOBS = ("lora", "lora_mc", "ours", "ours_learned", "ours_mc", "ours_recommended", "bayesianize", "blob", "peft_mc",
+        "mc_dropout", "lora_m1", "lora_m2")
 LR_JOBS = ("lora", "ours")
-MEMBER_SEEDS = {"lora": 0, "lora_m1": 1000, "lora_m2": 2000}
+#: The peft LoRA jobs and their seed offsets (lora_mc: LoRA on the multiple-choice likelihood, lora's seed).
+MEMBER_SEEDS = {"lora": 0, "lora_m1": 1000, "lora_m2": 2000, "lora_mc": 0}
 SETS = ("val", "test", "shift", "far")
 BAYESIANIZE = dict(num_epochs=2, learning_rate=1e-2)
 #: The learned-width variant (#31): BLoB's prior scale, the guide at its own learning rate.
 LEARNED = dict(variant="learned", prior_std=0.2, guide_learning_rate=0.05)
-#: What each trained variant of ours passes to ``train`` on top of the paper's settings.
-OURS = {"ours": {}, "ours_learned": LEARNED}
+#: What each trained variant of ours passes to ``train`` on top of the paper's settings; ``ours_mc`` trains
+#: by the multiple-choice likelihood (the label from a Categorical over the choices' scores) instead of SFT.
+OURS = {"ours": {}, "ours_learned": LEARNED, "ours_mc": dict(task="multiple_choice")}
 
 
 def job_path(job: str, seed: int, lr: float = PROTOCOL.lr) -> str:
@@ -66,7 +68,7 @@ def _lora(rows: dict, seed: int, lr: float, job: str, record: dict, curve: bool)
     points = Curve(rows["test"][: PROTOCOL.curve_rows], tokenizer, steps_per_epoch(PROTOCOL), PROTOCOL.curve_points) \
         if curve else None
     start = time.perf_counter()
-    model, tokenizer = train_lora(rows["train"], seed + MEMBER_SEEDS[job], lr, points)
+    model, tokenizer = train_lora(rows["train"], seed + MEMBER_SEEDS[job], lr, points, choices=job == "lora_mc")
     record["train_seconds"] = time.perf_counter() - start - (points.seconds if points else 0.0)
     if points:
         record["curve"] = points.points

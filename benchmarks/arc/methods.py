@@ -1,10 +1,12 @@
 """Training and scoring of the methods of ``benchmarks.arc`` (see :mod:`.data` for the protocol).
 
 - ``lora``: peft LoRA by SFT (the calibration benchmark's hand loop: AdamW, the linear schedule);
+  ``lora_mc``: the same loop on the multiple-choice likelihood (the NLL of the Categorical over the choices);
   ``lora_m1``/``lora_m2``: the same with other seeds, the ensemble's members; MC dropout reuses ``lora``.
 - ``peft_mc``: peft's MonteCLoRA variant (NLL + its own loss), deterministic at test.
 - ``blob``: the BLoB-style mean-field Gaussian on A (:mod:`.blob`).
-- ``ours``: :func:`pyro_monteclora.train` with the paper's settings, by SFT.
+- ``ours``: :func:`pyro_monteclora.train` with the paper's settings, by SFT; ``ours_learned`` the
+  learned-width variant (#31); ``ours_mc`` the paper's settings by the multiple-choice likelihood.
 - derived: temperature scaling (``lora_ts``, ``ours_ts``), the ensemble, ``ours_recommended`` (the
   posterior scale chosen on val), ``bayesianize`` (of the saved LoRA, fitted on val).
 
@@ -79,18 +81,21 @@ def steps_per_epoch(protocol: Protocol) -> int:
     return math.ceil(protocol.train_size / protocol.batch_size)
 
 
-def train_lora(rows: list[dict], seed: int, lr: float, curve: Optional[Curve] = None, variant: bool = False) -> tuple:
-    """peft LoRA (or peft's MonteCLoRA variant) by SFT; the curve scored every few steps."""
+def train_lora(rows: list[dict], seed: int, lr: float, curve: Optional[Curve] = None, variant: bool = False,
+               choices: bool = False) -> tuple:
+    """peft LoRA (or peft's MonteCLoRA variant) by SFT, or with ``choices`` by the multiple-choice
+    likelihood; the curve scored every few steps."""
     suite = suite_for(lr)
     if curve is not None:
         model, tokenizer = base_model(suite, seed)
         curve(model, 0, force=True)  # zero-shot: step 0
-    return train_plain(suite, sft_rows(rows), seed, variant=variant,
+    return train_plain(suite, rows if choices else sft_rows(rows), seed, variant=variant, choices=choices,
                        on_step=(lambda model, step: curve(model, step)) if curve is not None else None)
 
 
 def train_ours(rows: list[dict], seed: int, lr: float, curve: Optional[Curve] = None, **overrides: Any) -> Any:
-    """:func:`pyro_monteclora.train` (paper settings unless overridden) by SFT; returns the ``TrainResult``."""
+    """:func:`pyro_monteclora.train` (paper settings unless overridden) by SFT, or by the multiple-choice
+    likelihood with ``task="multiple_choice"``; returns the ``TrainResult``."""
     from transformers import TrainerCallback
 
     callbacks = []
@@ -100,7 +105,8 @@ def train_ours(rows: list[dict], seed: int, lr: float, curve: Optional[Curve] = 
                 curve(model.network, state.global_step)
 
         callbacks.append(Points())
-    return _train_ours(suite_for(lr), sft_rows(rows), seed, callbacks, **overrides)
+    data = rows if overrides.get("task") == "multiple_choice" else sft_rows(rows)
+    return _train_ours(suite_for(lr), data, seed, callbacks, **overrides)
 
 
 def train_blob(rows: list[dict], seed: int, lr: float) -> tuple[Any, Any, list]:

@@ -30,6 +30,8 @@ OUT = os.path.join("benchmarks", "results")
 METHODS = {
     "lora": "peft LoRA (MLE, SFT)",
     "lora_ts": "LoRA + temperature scaling (T fitted on val)",
+    "lora_mc": "peft LoRA (MLE) by the multiple-choice likelihood",
+    "lora_mc_ts": "LoRA by the multiple-choice likelihood + temperature scaling",
     "mc_dropout": f"LoRA MC dropout (S = {PROTOCOL.samples})",
     "ensemble": "3-LoRA deep ensemble",
     "blob": f"BLoB-style Gaussian on A (flipout, S = {PROTOCOL.samples})",
@@ -41,6 +43,9 @@ METHODS = {
     "ours_learned_mean": "ours, learned width (#31), mean adapter",
     "ours_learned": f"ours, learned width (#31), predictive S = {PROTOCOL.samples}",
     "ours_learned_ts": "ours learned-width predictive + temperature scaling",
+    "ours_mc_mean": "ours by the multiple-choice likelihood, mean adapter",
+    "ours_mc": f"ours by the multiple-choice likelihood, predictive S = {PROTOCOL.samples}",
+    "ours_mc_ts": "ours multiple-choice predictive + temperature scaling",
     "bayesianize": "bayesianize(LoRA), fitted and scaled on val",
 }
 SETS = {"test": "ARC-Easy test", "shift": "OpenBookQA (shift)", "far": "BoolQ (far shift)"}
@@ -77,7 +82,7 @@ def _scaled(outputs: dict, temperature: float) -> dict:
 
 def method_outputs(method: str, seed: int, lr: float = PROTOCOL.lr) -> Optional[dict]:
     """``{set: {probs, labels, prediction_norm?, mutual_information?}}`` of a method and seed, or None."""
-    if method in ("lora_ts", "ours_ts", "ours_learned_ts"):
+    if method in ("lora_ts", "lora_mc_ts", "ours_ts", "ours_learned_ts", "ours_mc_ts"):
         record = _load(method[: -len("_ts")], seed, lr)
         if record is None:
             return None
@@ -90,7 +95,7 @@ def method_outputs(method: str, seed: int, lr: float = PROTOCOL.lr) -> Optional[
             return None
         return {name: {"log_probs": torch.stack([probs_of(m["outputs"][name]) for m in members]).mean(0).log().tolist(),
                        "labels": members[0]["outputs"][name]["labels"]} for name in members[0]["outputs"]}
-    if method in ("ours_mean", "ours_learned_mean"):
+    if method in ("ours_mean", "ours_learned_mean", "ours_mc_mean"):
         record = _load(method[: -len("_mean")], seed, lr)
         return None if record is None else record["mean_adapter"]
     record = _load(method, seed, lr)
@@ -192,6 +197,48 @@ def learned_targets(table: dict) -> list[str]:
     return lines
 
 
+def likelihood_choice(table: dict) -> list[str]:
+    """SFT (``ours``) against the multiple-choice likelihood (``ours_mc``): decided on validation, reported on test."""
+    seeds = [s for s in _seeds() if method_outputs("ours", s) is not None and method_outputs("ours_mc", s) is not None]
+    if not seeds:
+        return ["- ours and ours_mc have not both run on a seed yet."]
+    lines = ["| likelihood | set | seeds | accuracy | NLL | ECE | mean-adapter NLL |", "|---|---|---|---|---|---|---|"]
+    chosen = {}
+    for method, label in (("ours", "SFT on the right answer"), ("ours_mc", "multiple-choice likelihood")):
+        for name in ("val", "test"):
+            values = [set_metrics(method_outputs(method, s)[name]) for s in seeds]
+            means = [set_metrics(method_outputs(f"{method}_mean", s)[name])["nll"] for s in seeds]
+            lines.append(f"| {label} | {name} | {len(seeds)} | {_cell([v['accuracy'] for v in values])} | "
+                         f"{_cell([v['nll'] for v in values])} | {_cell([v['ece'] for v in values])} | {_cell(means)} |")
+            if name == "val":
+                chosen[method] = (float(np.mean([v["nll"] for v in values])),
+                                  float(np.mean([v["accuracy"] for v in values])))
+    (nll_sft, acc_sft), (nll_mc, acc_mc) = chosen["ours"], chosen["ours_mc"]
+    better = "ours_mc" if nll_mc < nll_sft and acc_mc >= acc_sft - 0.01 else "ours"
+    lines += ["", f"On validation (the only set that chooses): NLL {nll_sft:.3f} (SFT) vs {nll_mc:.3f} (multiple choice), "
+              f"accuracy {acc_sft:.3f} vs {acc_mc:.3f}: the rule (lower NLL, accuracy within 1 point) picks "
+              f"**{'the multiple-choice likelihood' if better == 'ours_mc' else 'SFT'}** over {len(seeds)} seed(s)."]
+    return lines
+
+
+def training_times() -> list[str]:
+    """Training seconds per job (mean over seeds), and each against LoRA's; notes where a job shared the cores."""
+    lora = [r["train_seconds"] for s in _seeds() if (r := _load("lora", s)) and "train_seconds" in r]
+    if not lora:
+        return ["- LoRA has not run yet."]
+    lines = ["| job | seeds | training seconds | / LoRA | note |", "|---|---|---|---|---|"]
+    for job in ("lora", "lora_mc", "ours", "ours_learned", "ours_mc", "blob", "peft_mc", "lora_m1", "lora_m2"):
+        records = [r for s in _seeds() if (r := _load(job, s)) and "train_seconds" in r]
+        if not records:
+            continue
+        seconds = float(np.mean([r["train_seconds"] for r in records]))
+        notes = "; ".join(r["timing_note"] for r in records if r.get("timing_note"))
+        lines.append(f"| {job} | {len(records)} | {seconds:.0f} | {seconds / float(np.mean(lora)):.2f} | {notes} |")
+    lines += ["", "Same data and steps (2 epochs of 50 steps); the per-step curve scoring is not counted. A ratio "
+              "is a step-time ratio only between jobs without a note (a note: something else ran on the cores)."]
+    return lines
+
+
 def lr_study() -> list[str]:
     """Accuracy and NLL across the learning rates, per method (test), and the spreads (worst to best)."""
     rates = sorted(set(LEARNING_RATES) | {PROTOCOL.lr})
@@ -227,7 +274,7 @@ def _figure(path: str) -> None:
     import matplotlib.pyplot as plt
 
     seeds = _seeds()
-    shown = [m for m in ("lora", "lora_ts", "ours", "ours_recommended", "blob", "bayesianize")
+    shown = [m for m in ("lora", "lora_ts", "ours", "ours_learned", "ours_mc", "blob")
              if seeds and method_outputs(m, seeds[0]) is not None]
     fig, axes = plt.subplots(1, len(shown) + 2, figsize=(3.2 * (len(shown) + 2), 3.2))
     for ax, method in zip(axes, shown):
@@ -241,7 +288,7 @@ def _figure(path: str) -> None:
         ax.set_xlabel("confidence")
     axes[0].set_ylabel("accuracy (ARC-Easy test)")
     for ax, key in zip(axes[-2:], ("nll", "ece")):
-        for method in ("lora", "ours"):
+        for method in ("lora", "ours", "ours_learned", "ours_mc"):
             record = _load(method, seeds[0]) if seeds else None
             if record and record.get("curve"):
                 ax.plot([p["step"] for p in record["curve"]], [p[key] for p in record["curve"]], marker="o", label=method)
@@ -284,7 +331,9 @@ def write_report(command: str) -> str:
             )
         lines.append("")
     lines += ["## Targets (issue #25)", "", *_targets(table), "", "## Targets of the learned width (issue #31)", "",
-              *learned_targets(table), "", "## Learning-rate robustness", "", *lr_study(), ""]
+              *learned_targets(table), "", "## The likelihood: SFT or the multiple-choice likelihood", "",
+              *likelihood_choice(table), "", "## Training time", "", *training_times(), "",
+              "## Learning-rate robustness", "", *lr_study(), ""]
     report = "\n".join(lines)
     os.makedirs(OUT, exist_ok=True)
     with open(os.path.join(OUT, "arc.md"), "w", encoding="utf-8") as handle:

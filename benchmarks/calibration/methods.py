@@ -173,10 +173,19 @@ def nll_loss(suite: Suite, model: Any, batch: dict) -> torch.Tensor:
     return token_nll.sum(1).mean()
 
 
+def choice_nll(model: Any, batch: dict) -> torch.Tensor:
+    """The per-row NLL of the multiple-choice likelihood (the Categorical over the choices' summed scores)."""
+    from pyro_monteclora.models.choices import choice_log_likelihoods, choice_logits
+
+    logits = choice_logits(choice_log_likelihoods(model, batch)[0][0], batch)
+    return F.cross_entropy(logits, batch["labels"])
+
+
 def train_plain(suite: Suite, rows: list[dict], seed: int, variant: bool = False,
                 on_epoch: Optional[Callable[[Any, int, float], None]] = None,
-                on_step: Optional[Callable[[Any, int], None]] = None) -> tuple[Any, Any]:
-    """peft LoRA (``variant=False``) or peft's MonteCLoRA variant, by AdamW on the per-example NLL."""
+                on_step: Optional[Callable[[Any, int], None]] = None, choices: bool = False) -> tuple[Any, Any]:
+    """peft LoRA (``variant=False``) or peft's MonteCLoRA variant, by AdamW on the per-example NLL: of the
+    SFT target, or with ``choices`` (multiple-choice rows) of the multiple-choice likelihood."""
     from peft import LoraConfig, TaskType, get_peft_model
     from peft.tuners.lora.config import MontecloraConfig
 
@@ -186,18 +195,25 @@ def train_plain(suite: Suite, rows: list[dict], seed: int, variant: bool = False
         task = TaskType.SEQ_CLS if suite.model == "minilm" else TaskType.CAUSAL_LM
         config = LoraConfig(**LORA, task_type=task, bias="none", monteclora_config=MontecloraConfig() if variant else None)
         model = get_peft_model(model, config)
-        data = examples(suite, rows, tokenizer)
+        if choices:
+            from pyro_monteclora.data.choice_examples import collate_choices, tokenize_multiple_choice
+
+            data = tokenize_multiple_choice(rows, tokenizer, suite.max_length)
+            collate, loss = (lambda items: collate_choices(items, tokenizer.pad_token_id)), choice_nll
+        else:
+            data, collate = examples(suite, rows, tokenizer), Collator(tokenizer.pad_token_id)
+            loss = lambda m, b: nll_loss(suite, m, b)  # noqa: E731
         loader = torch.utils.data.DataLoader(
             IndexedExamples(data), batch_size=suite.batch_size, shuffle=True,
-            generator=torch.Generator().manual_seed(seed), collate_fn=Collator(tokenizer.pad_token_id),
+            generator=torch.Generator().manual_seed(seed), collate_fn=collate,
         )
         parameters = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(parameters, lr=suite.lr, weight_decay=0.0)
         total = suite.epochs * len(loader)
         warmup = min(math.ceil(WARMUP_RATIO * total), total - 1)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: lr_lambda(k, warmup, total, "linear"))
-        adamw_epochs(model, loader, lambda m, b: nll_loss(suite, m, b), optimizer, scheduler, suite.epochs, variant,
-                     on_epoch, device_of(model), on_step)
+        adamw_epochs(model, loader, loss, optimizer, scheduler, suite.epochs, variant, on_epoch, device_of(model),
+                     on_step)
     return model, tokenizer
 
 
