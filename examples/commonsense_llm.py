@@ -3,15 +3,16 @@
 The default (``--format choices``) is the way lm-evaluation-harness scores small LMs: each question
 ``"Question: q\nAnswer:"`` is followed by every choice ``" " + choice``; the model's probability of
 a choice is the softmax over the choices' summed log-likelihoods (``acc``; ``acc_norm`` divides
-them by each choice's length in characters). Training is SFT on the right continuation (rows
+them by each choice's length in characters). Training is by the multiple-choice likelihood (the
+label observed from that softmax; ``--likelihood sft``: SFT on the right continuation) on rows
 ``question``/``choices``/``label``, converted from the paper's instruction rows in
-``../shared/data/commonsense``). It prints, on held-out test questions: zero-shot, the fine-tuned
+``../shared/data/commonsense``. It prints, on held-out test questions: zero-shot, the fine-tuned
 mean adapter (plain LoRA), the mean adapter + temperature scaling (one temperature fitted on
 validation questions carved from the training set), and the posterior predictive (S draws):
 accuracy, acc_norm, NLL, ECE (15 bins) and AURC. The defaults (ARC-Easy, 400 training questions
 x 2 epochs, 200 test questions) take about ten minutes on 2 CPU cores::
 
-    python examples/commonsense_llm.py [--tasks ARC-Easy openbookqa] [--train 400] [--test 200]
+    python examples/commonsense_llm.py [--likelihood choices|sft] [--tasks ARC-Easy openbookqa] [--train 400]
 
 ``--format labels`` is the paper's own format: the instruction lists the options and the model is
 trained to write ``"the correct answer is answer2"``; the candidates are the labels
@@ -106,7 +107,8 @@ def choice_metrics(scores: dict, temperature: float = 1.0) -> dict:
 
 
 def run_choices(args: argparse.Namespace) -> None:
-    """The default: lm-eval's scoring of the choices' texts, SFT on the right continuation."""
+    """The default: lm-eval's scoring of the choices' texts, trained by the multiple-choice likelihood
+    (``--likelihood sft``: SFT on the right continuation)."""
     start = time.perf_counter()
     with quiet():
         base, tokenizer = load_smollm2()
@@ -124,13 +126,14 @@ def run_choices(args: argparse.Namespace) -> None:
         zero = MonteCLoRA.from_model(base, lora_r=16, tokenizer=tokenizer)
     zero_shot = {task: choice_metrics(score_choices(zero, rows, mode="mean")) for task, rows in tests.items()}
     base = zero.network.unload()
-    print(f"zero-shot scored at {time.perf_counter() - start:.0f} s; training (SFT on the right continuation):",
-          flush=True)
+    how = "the multiple-choice likelihood" if args.likelihood == "choices" else "SFT on the right continuation"
+    print(f"zero-shot scored at {time.perf_counter() - start:.0f} s; training ({how}):", flush=True)
     # gradient checkpointing is on by default for causal LMs; a 135M model on a CPU is not short of
     # memory, so it is turned off to save its ~40% recompute
     result = pyro_monteclora.train(
         base, train, tokenizer=tokenizer, num_epochs=args.epochs, batch_size=8, learning_rate=args.learning_rate,
         seed=args.seed, max_length=128, gradient_checkpointing=False, eval_every_epoch=False,
+        task="multiple_choice" if args.likelihood == "choices" else "causal_lm",
     )
     model = result.model
     temperature = fit_temperature(choice_predictive(score_choices(model, val, mode="mean"))["probs"],
@@ -154,6 +157,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--format", choices=("choices", "labels"), default="choices",
                         help="choices: lm-eval's scoring (default); labels: the paper's answer1..K format")
+    parser.add_argument("--likelihood", choices=("choices", "sft"), default="choices",
+                        help="(choices) train by the multiple-choice likelihood (default) or by SFT on the right answer")
     parser.add_argument("--tasks", nargs="+", default=["ARC-Easy"], choices=TASKS, help="(choices) tasks to train on")
     parser.add_argument("--train", type=int, default=400, help="(choices) training questions, over all tasks")
     parser.add_argument("--val", type=int, default=100, help="(choices) validation questions for the temperature")

@@ -94,7 +94,8 @@ class MonteCLoRAConfig:
             model class). ``"multiple_choice"`` trains a causal LM on rows with ``question``,
             ``choices`` and ``label``: the label is observed from a Categorical over the choices'
             continuation log-likelihoods under the drawn adapter (:mod:`pyro_monteclora.models.choices`).
-            Under ``"auto"`` (or ``"causal_lm"``) such rows train by SFT on the right answer.
+            ``"auto"`` gives such rows (with a causal LM) this likelihood, the recommendation of
+            ``benchmarks/results/arc.md``; ``"causal_lm"`` trains them by SFT on the right answer.
         choice_score: with ``task="multiple_choice"``, the Categorical's logits: ``"sum"`` (each
             choice's summed log-likelihood, lm-eval's ``acc``) or ``"per_char"`` (divided by the
             choice's characters, lm-eval's ``acc_norm``).
@@ -167,7 +168,8 @@ class MonteCLoRAConfig:
         default=True, metadata={"help": "One vectorized site per group of equally shaped layers."}
     )
     task: str = field(
-        default="auto", metadata={"help": "classification, causal_lm, multiple_choice or auto (from the model)."}
+        default="auto",
+        metadata={"help": "classification, causal_lm, multiple_choice or auto (from the model; choice rows: multiple_choice)."}
     )
     choice_score: str = field(
         default="sum", metadata={"help": "multiple_choice: summed log-likelihoods (sum) or per character (per_char)."}

@@ -189,3 +189,19 @@ def test_multiple_choice_refuses_what_it_cannot_train():
         pyro_monteclora.MonteCLoRAConfig(choice_score="mean")
     with pytest.raises(ValueError, match="row 0: a choice has .* tokens.*max_length=3"):
         tokenize_multiple_choice([{"question": "q", "choices": ["a long answer", "b"], "label": 0}], CharTokenizer(), 3)
+
+
+def test_choice_rows_under_auto_train_by_the_multiple_choice_likelihood():
+    """The recommendation (benchmarks/results/arc.md): task='auto' gives a causal LM's choice rows their likelihood,
+    with the cached path (checkpointing off by default); other rows keep their own task."""
+    from pyro_monteclora.train.batches import with_likelihood
+
+    result = _train(CharTokenizer(), task="auto", num_epochs=1)
+    assert result.config.task == "multiple_choice"
+    assert result.history[0]["nll"] < 1.2  # a Categorical over 2-3 choices (ln 3 = 1.10), not a per-token NLL
+    causal = MonteCLoRA.from_model(tiny_llama(), lora_r=4)
+    rows = Dataset.from_list(_rows())
+    assert with_likelihood(causal.monteclora_config, causal, rows).task == "multiple_choice"
+    assert with_likelihood(causal.monteclora_config.replace(task="causal_lm"), causal, rows).task == "causal_lm"
+    sft = Dataset.from_list([{"prompt": "a", "completion": "b"}])
+    assert with_likelihood(causal.monteclora_config, causal, sft).task == "auto"

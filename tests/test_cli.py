@@ -243,6 +243,10 @@ def test_train_a_causal_lm_by_the_multiple_choice_likelihood(tmp_path, capsys):
     assert config["config"]["task"] == "multiple_choice" and config["config"]["choice_score"] == "per_char"
     loaded = pyro_monteclora.load(tiny_llama(vocab_size=len(tokenizer)), str(tmp_path / "out"))
     assert loaded.task == "causal_lm"
+    # without --task the rows decide, as in train(): choice rows train by their likelihood
+    assert main(["train", "--model", str(tmp_path / "base"), "--data", str(tmp_path / "rows.jsonl"), "--epochs", "1",
+                 "--lora-r", "4", "--output-dir", str(tmp_path / "auto"), "--no-merge-adapter"]) == 0
+    assert json.loads((tmp_path / "auto" / "monteclora_config.json").read_text())["config"]["task"] == "multiple_choice"
     with pytest.raises(SystemExit):  # argparse: one line naming the choices
         main(["train", "--model", str(tmp_path / "base"), "--data", str(tmp_path / "rows.jsonl"), "--task",
               "multiple_choice", "--choice-score", "mean", "--output-dir", str(tmp_path / "bad")])

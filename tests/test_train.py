@@ -64,7 +64,7 @@ def test_tiny_llama_learns_a_toy_completion(word_tokenizer):
 
 
 def test_multiple_choice_rows_train_by_sft_on_the_right_continuation():
-    """Rows ``question``/``choices``/``label`` are trained as lm-eval's context -> the right choice (+ EOS),
+    """With ``task="causal_lm"``, rows ``question``/``choices``/``label`` are trained as lm-eval's context -> the right choice (+ EOS),
     and training on them raises the right choice's log-likelihood against every other choice's."""
     from pyro_monteclora.data.tokenize import encode_prompt_completion, tokenize_causal_lm
     from pyro_monteclora.prediction.choices import score_choices
@@ -87,8 +87,9 @@ def test_multiple_choice_rows_train_by_sft_on_the_right_continuation():
 
     network = tiny_llama(vocab_size=len(tokenizer))
     before = margins(MonteCLoRA.from_model(network, lora_r=4, tokenizer=tokenizer))  # B = 0: the base model
-    result = pyro_monteclora.train(network, rows, tokenizer=tokenizer, num_epochs=4, batch_size=4,
+    result = pyro_monteclora.train(network, rows, tokenizer=tokenizer, num_epochs=4, batch_size=4, task="causal_lm",
                                    learning_rate=2e-2, lora_r=4, progress=False, eval_every_epoch=False)
+    assert result.config.task == "causal_lm"
     gained = margins(result.model) - before
     present = torch.isfinite(gained) & (gained != 0)  # absent choices and the right one itself
     assert present.sum() == 24 and (gained[present] > 0.1).all(), gained

@@ -198,25 +198,29 @@ def learned_targets(table: dict) -> list[str]:
 
 
 def likelihood_choice(table: dict) -> list[str]:
-    """SFT (``ours``) against the multiple-choice likelihood (``ours_mc``): decided on validation, reported on test."""
+    """SFT against the multiple-choice likelihood, for ours and for LoRA: decided on validation, reported on test."""
     seeds = [s for s in _seeds() if method_outputs("ours", s) is not None and method_outputs("ours_mc", s) is not None]
     if not seeds:
         return ["- ours and ours_mc have not both run on a seed yet."]
-    lines = ["| likelihood | set | seeds | accuracy | NLL | ECE | mean-adapter NLL |", "|---|---|---|---|---|---|---|"]
+    lines = ["| method | likelihood | set | seeds | accuracy | NLL | ECE | AURC |", "|---|---|---|---|---|---|---|---|"]
     chosen = {}
-    for method, label in (("ours", "SFT on the right answer"), ("ours_mc", "multiple-choice likelihood")):
+    for method, who, label in (("lora", "LoRA", "SFT"), ("lora_mc", "LoRA", "multiple choice"),
+                               ("ours", "ours (S = 8)", "SFT"), ("ours_mc", "ours (S = 8)", "multiple choice")):
+        runs = [s for s in seeds if method_outputs(method, s) is not None]
         for name in ("val", "test"):
-            values = [set_metrics(method_outputs(method, s)[name]) for s in seeds]
-            means = [set_metrics(method_outputs(f"{method}_mean", s)[name])["nll"] for s in seeds]
-            lines.append(f"| {label} | {name} | {len(seeds)} | {_cell([v['accuracy'] for v in values])} | "
-                         f"{_cell([v['nll'] for v in values])} | {_cell([v['ece'] for v in values])} | {_cell(means)} |")
-            if name == "val":
+            values = [set_metrics(method_outputs(method, s)[name]) for s in runs]
+            if not values:
+                continue
+            lines.append(f"| {who} | {label} | {name} | {len(runs)} | {_cell([v['accuracy'] for v in values])} | "
+                         f"{_cell([v['nll'] for v in values])} | {_cell([v['ece'] for v in values])} | "
+                         f"{_cell([v['aurc'] for v in values])} |")
+            if name == "val" and method.startswith("ours"):
                 chosen[method] = (float(np.mean([v["nll"] for v in values])),
                                   float(np.mean([v["accuracy"] for v in values])))
     (nll_sft, acc_sft), (nll_mc, acc_mc) = chosen["ours"], chosen["ours_mc"]
     better = "ours_mc" if nll_mc < nll_sft and acc_mc >= acc_sft - 0.01 else "ours"
-    lines += ["", f"On validation (the only set that chooses): NLL {nll_sft:.3f} (SFT) vs {nll_mc:.3f} (multiple choice), "
-              f"accuracy {acc_sft:.3f} vs {acc_mc:.3f}: the rule (lower NLL, accuracy within 1 point) picks "
+    lines += ["", f"On validation (the only set that chooses), ours: NLL {nll_sft:.3f} (SFT) vs {nll_mc:.3f} (multiple "
+              f"choice), accuracy {acc_sft:.3f} vs {acc_mc:.3f}: the rule (lower NLL, accuracy within 1 point) picks "
               f"**{'the multiple-choice likelihood' if better == 'ours_mc' else 'SFT'}** over {len(seeds)} seed(s)."]
     return lines
 
@@ -307,7 +311,8 @@ def write_report(command: str) -> str:
         "# Calibrated, robust fine-tuning where the LLM can do the task: SmolLM2-135M-Instruct on ARC-Easy",
         "",
         f"`{command}`, report written {datetime.date.today().isoformat()}; seeds found: {seeds or 'none'}. "
-        f"Protocol (benchmarks/arc/data.py): SFT on {PROTOCOL.train_size} ARC-Easy train questions, "
+        f"Protocol (benchmarks/arc/data.py): {PROTOCOL.train_size} ARC-Easy train questions, by SFT on the right "
+        "answer, or by the multiple-choice likelihood for lora_mc and ours_mc, "
         f"{PROTOCOL.epochs} epochs, batch {PROTOCOL.batch_size}, lr {PROTOCOL.lr:g}; val = {PROTOCOL.val_size} other "
         f"train questions (temperatures and scales are chosen there only); test = {PROTOCOL.test_size} ARC-Easy test "
         f"questions, shift = {PROTOCOL.shift_size} OpenBookQA, far = {PROTOCOL.far_size} BoolQ; scored as lm-eval "

@@ -42,6 +42,16 @@ def _train(args: argparse.Namespace) -> int:
         return _train_into(args, config, output_dir)
 
 
+def _choice_rows(data: Any) -> bool:
+    """Whether loaded data (a ``Dataset`` or the first split of a ``DatasetDict``) are multiple-choice rows."""
+    from ..data.choices import is_choice_data
+
+    columns = getattr(data, "column_names", [])
+    if isinstance(columns, dict):
+        columns = next(iter(columns.values()), [])
+    return is_choice_data(columns)
+
+
 def _train_into(args: argparse.Namespace, config: Any, output_dir: str) -> int:
     import torch
 
@@ -76,6 +86,8 @@ def _train_into(args: argparse.Namespace, config: Any, output_dir: str) -> int:
                 model_path, task, config.quantization, num_labels=num_labels, id2label=id2label,
                 exclude=config.modules_to_save,
             )
+    if config.task == "auto" and task == "causal_lm" and _choice_rows(data):
+        task = "multiple_choice"  # as train() decides under "auto": choice rows train by their likelihood
     result = train(base, data, config.replace(task=task, output_dir=None), tokenizer=tokenizer, eval_dataset=eval_data,
                    verbose=args.verbose)
     for warning in result.warnings:

@@ -40,7 +40,7 @@ from ..io.lock import hold_output, is_main_process
 from ..monteclora import MonteCLoRA, device_of
 from ..quiet import quiet
 from .checkpoints import latest_checkpoint
-from .batches import ExampleCollator, ExamplesDataset, tokenize_for
+from .batches import ExampleCollator, ExamplesDataset, tokenize_for, with_likelihood
 from .run import Recorder, RunTrainer, check_trained, evaluate_mean, training_arguments
 from .sharding import fsdp_launched
 
@@ -160,12 +160,13 @@ def _train(
         with quiet(verbose), _isolated_rng(device_of(model)):
             torch.manual_seed(config.seed)
             monteclora = model if isinstance(model, MonteCLoRA) else MonteCLoRA.from_model(model, config)
-            monteclora.monteclora_config = config
             tokenizer = tokenizer or monteclora.tokenizer or _load_tokenizer(monteclora)
             monteclora.tokenizer = tokenizer
             train_data, eval_data = split_data(
                 load_data(dataset), load_data(eval_dataset) if eval_dataset is not None else None
             )
+            config = with_likelihood(config, monteclora, train_data)  # multiple-choice rows: their likelihood
+            monteclora.monteclora_config = config
             train_examples = tokenize_for(monteclora, train_data, tokenizer, config.max_length)
             eval_examples = tokenize_for(monteclora, eval_data, tokenizer, config.max_length) if eval_data else None
             result = _fit(monteclora, train_examples, eval_examples, tokenizer, config, progress, resume, callbacks)

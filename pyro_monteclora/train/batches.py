@@ -21,11 +21,13 @@ from typing import Any
 import torch
 from datasets import Dataset
 
+from ..config import MonteCLoRAConfig
 from ..data.choice_examples import collate_choices, is_choice_example, tokenize_multiple_choice
+from ..data.choices import is_choice_data
 from ..data.tokenize import Collator, pad_token_id, tokenize_causal_lm, tokenize_classification
 from ..monteclora import MonteCLoRA
 
-__all__ = ["ExamplesDataset", "ExampleCollator", "examples_dataset", "tokenize_for"]
+__all__ = ["ExamplesDataset", "ExampleCollator", "examples_dataset", "tokenize_for", "with_likelihood"]
 
 
 class ExamplesDataset(torch.utils.data.Dataset):
@@ -54,11 +56,22 @@ class ExampleCollator:
         return Collator(self.pad_token_id)(pairs)
 
 
+def with_likelihood(config: MonteCLoRAConfig, monteclora: MonteCLoRA, data: Dataset) -> MonteCLoRAConfig:
+    """``config`` with its task decided by the rows: under ``task="auto"`` a causal LM trains
+    multiple-choice rows (``question``, ``choices``, ``label``) by the multiple-choice likelihood,
+    the recommendation of ``benchmarks/results/arc.md``; ``task="causal_lm"`` keeps SFT on the right
+    answer."""
+    if config.task == "auto" and monteclora.task == "causal_lm" and is_choice_data(getattr(data, "column_names", [])):
+        return config.replace(task="multiple_choice")
+    return config
+
+
 def tokenize_for(monteclora: MonteCLoRA, data: Dataset, tokenizer: Any, max_length: int) -> list[dict]:
     """Tokenize ``data`` for the model's task (classification labels checked against its head).
 
-    With ``task="multiple_choice"`` in the model's config, one example per row with its choices."""
-    if monteclora.monteclora_config.task == "multiple_choice":
+    With ``task="multiple_choice"`` (or multiple-choice rows under ``"auto"``, :func:`with_likelihood`),
+    one example per row with its choices."""
+    if with_likelihood(monteclora.monteclora_config, monteclora, data).task == "multiple_choice":
         return tokenize_multiple_choice(data, tokenizer, max_length)
     if monteclora.task == "classification":
         config = monteclora.network.config
