@@ -6,7 +6,8 @@ scores it::
 
     L_k = log p(x_k | c, A~)            summed over the continuation's tokens   (choice_score="sum")
     L_k = log p(x_k | c, A~) / chars_k  per character of the choice             (choice_score="per_char")
-    label ~ Categorical(softmax_k L_k)  under the data plate (scaled to the dataset)
+    label ~ Categorical(softmax_k L_k)  under the data plate (scaled to the dataset): the classification
+                                        likelihood over the choices (:mod:`.likelihood`)
 
 The tensors of a batch (:func:`choice_batch`) hold a *prompt* part per row (the context and the
 tokens all its choices share, left-padded) and a *choice* part per choice (its own tokens,
@@ -34,11 +35,9 @@ from __future__ import annotations
 import inspect
 from typing import Any, Mapping, Optional, Sequence
 
-import pyro
-import pyro.distributions as dist
 import torch
 
-from .likelihood import IGNORE_INDEX, OBSERVATION_SITE, _plate, target_positions
+from .likelihood import IGNORE_INDEX, target_positions
 
 __all__ = [
     "CHOICE_KEYS",
@@ -46,7 +45,6 @@ __all__ = [
     "choice_batch",
     "choice_log_likelihoods",
     "choice_logits",
-    "multiple_choice_likelihood",
     "cache_argument",
     "shared_length",
     "supports_logits_to_keep",
@@ -263,14 +261,3 @@ def choice_logits(scores: torch.Tensor, batch: Mapping[str, torch.Tensor], choic
     if choice_score == "per_char":
         scores = scores / batch["choice_lengths"].to(scores.device, scores.dtype)
     return scores.masked_fill(~present, float("-inf"))
-
-
-def multiple_choice_likelihood(
-    logits: torch.Tensor,
-    labels: Optional[torch.Tensor],
-    dataset_size: Optional[int] = None,
-    subsample: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """``labels[i] ~ Categorical(logits[i])`` over a row's choices (``-inf`` logits: absent choices)."""
-    with _plate(logits.shape[0], dataset_size, subsample, logits.device):
-        return pyro.sample(OBSERVATION_SITE, dist.Categorical(logits=logits.float()), obs=labels)

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..config import MonteCLoRAConfig
 from ..layers import LayerGroup, StochasticLoraA, noise_context
-from .choices import choice_log_likelihoods, choice_logits, is_choice_batch, multiple_choice_likelihood
+from .choices import choice_log_likelihoods, choice_logits, is_choice_batch
 from .choices import supports_logits_to_keep
 from .likelihood import causal_lm_likelihood, classification_likelihood, target_positions
 from .noise import adapter_noise
@@ -142,7 +142,7 @@ class MonteCLoRAModel(nn.Module):
             with noise_context(self.groups, noise):
                 scores = choice_log_likelihoods(self.network, batch)[0][0]
         logits = choice_logits(scores, batch, self.choice_score)
-        multiple_choice_likelihood(logits, batch.get("labels"), dataset_size, batch.get("index"))
+        classification_likelihood(logits, batch.get("labels"), dataset_size, batch.get("index"))
         return logits
 
     def lora_a(self) -> dict[str, torch.Tensor]:
