@@ -167,6 +167,7 @@ def _train(
             )
             config = with_likelihood(config, monteclora, train_data)  # multiple-choice rows: their likelihood
             monteclora.monteclora_config = config
+            monteclora.model.choice_score = config.choice_score  # a MonteCLoRA trained on takes the new setting
             train_examples = tokenize_for(monteclora, train_data, tokenizer, config.max_length)
             eval_examples = tokenize_for(monteclora, eval_data, tokenizer, config.max_length) if eval_data else None
             result = _fit(monteclora, train_examples, eval_examples, tokenizer, config, progress, resume, callbacks)
