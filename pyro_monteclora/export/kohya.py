@@ -32,6 +32,7 @@ from safetensors.torch import load_file, save_file
 
 from ..io.atomic import atomic_write, check_finite, deferred_interrupts, recover_output
 from ..io.lock import hold_output
+from ..io.read import read_json_object
 
 __all__ = ["peft_to_kohya", "kohya_to_peft", "kohya_key", "to_kohya_state_dict", "from_kohya_state_dict"]
 
@@ -193,13 +194,7 @@ def peft_to_kohya(adapter_path: str, output: str, *, include_modules_to_save: bo
         recover_output(output)  # a temporary file a killed export left
         if os.path.exists(output) and not overwrite:
             raise FileExistsError(f"{output} already exists; pass overwrite=True (--overwrite) to replace it")
-        try:
-            with open(config_path, encoding="utf-8") as handle:
-                config = json.load(handle)
-        except json.JSONDecodeError as error:
-            raise ValueError(
-                f"{config_path}, line {error.lineno}: invalid JSON ({error.msg}, column {error.colno})"
-            ) from None
+        config = read_json_object(config_path)
         tensors, metadata = to_kohya_state_dict(_read_tensors(weights_path), config, include_modules_to_save)
         check_finite(tensors, "the Kohya file")
         parent = os.path.dirname(os.path.abspath(output))

@@ -42,7 +42,7 @@ from .format import (
 from ..layers import ADAPTER_NAME
 
 __all__ = ["SavedAdapter", "read_adapter", "restore_adapter", "adapter_folder", "read_metadata", "check_model_path",
-           "check_num_labels"]
+           "check_num_labels", "read_json_object"]
 
 
 def adapter_folder(folder: PathLike) -> str:
@@ -62,7 +62,7 @@ def adapter_folder(folder: PathLike) -> str:
     raise FileNotFoundError(f"no pyro-monteclora adapter in {folder!r} (expected {CONFIG_NAME})")
 
 
-def _read_json_object(path: str) -> dict[str, Any]:
+def read_json_object(path: str) -> dict[str, Any]:
     """A JSON object from ``path``; errors name the file, the 1-based line and the reason."""
     try:
         with open(path, encoding="utf-8") as handle:
@@ -89,7 +89,7 @@ def read_metadata(folder: PathLike) -> dict[str, Any]:
     ``ValueError`` naming the file (and the line, for invalid JSON).
     """
     path = os.path.join(adapter_folder(folder), CONFIG_NAME)
-    meta = _read_json_object(path)
+    meta = read_json_object(path)
     for name, kind in REQUIRED_FIELDS.items():
         if not isinstance(meta.get(name), kind):
             raise ValueError(
@@ -140,7 +140,7 @@ def _check_peft_config(folder: str) -> None:
         raise FileNotFoundError(
             f"{PEFT_CONFIG_NAME} is missing from {folder!r}: the adapter folder is incomplete; save it again"
         )
-    peft_type = _read_json_object(path).get("peft_type", "LORA")
+    peft_type = read_json_object(path).get("peft_type", "LORA")
     if peft_type != "LORA":
         raise ValueError(f"{path}: peft_type is {peft_type!r}; a pyro-monteclora adapter is a LORA adapter")
 
