@@ -94,3 +94,35 @@ def test_tune_posterior_scale_auto(bert):
     choice = tune_posterior_scale(bert, toy_sentiment(24), num_samples=2, seed=0)
     assert 3 <= len(choice.factors) <= 12 and choice.factor in choice.factors
     assert choice.nll[choice.factors.index(choice.factor)] == min(choice.nll)
+
+
+def test_the_learned_variant_scales_every_learned_width_and_saves_them(tmp_path):
+    """In the learned variant the factor multiplies the ELBO's column widths; eps and the widths' ratios stay."""
+    mc = MonteCLoRA.from_model(tiny_bert(vocab_size=16), lora_r=4, variant="learned", sample_scaler=0.05)
+    nonzero_lora_b(mc.network)
+    mc.tokenizer = toy_tokenizer()
+    torch.manual_seed(0)
+    with torch.no_grad():  # widths that differ from column to column, as after training
+        for posterior in mc.guide.posteriors.values():
+            posterior.log_width.add_(0.5 * torch.randn_like(posterior.log_width))
+    trained = {name: width.detach().clone() for name, width in mc.guide.widths().items()}
+    data = toy_sentiment(24)
+    choice = tune_posterior_scale(mc, data, factors=(0.5, 1, 4, 16), num_samples=4, seed=0)
+    assert choice.factor == choice.factors[min(range(4), key=lambda i: choice.nll[i])]
+    assert len(set(round(v, 6) for v in choice.nll)) > 1  # the width matters
+    assert choice.sample_scaler == choice.trained_sample_scaler == pytest.approx(0.05)  # eps is not the lever here
+    for name, width in mc.guide.widths().items():
+        assert torch.allclose(width, choice.factor * trained[name], rtol=1e-5)
+    # the NLL at factor 16 is the predictive's with every width x 16, with the tuning's draws
+    with torch.no_grad():
+        for name, posterior in mc.guide.posteriors.items():
+            posterior.log_width.copy_((16 * trained[name]).log())
+    at_16 = pyro_monteclora.evaluate(mc, data, num_samples=4, seed=0)["predictive"]["nll"]
+    assert at_16 == pytest.approx(choice.nll[3], rel=1e-5)
+    with torch.no_grad():
+        for name, posterior in mc.guide.posteriors.items():
+            posterior.log_width.copy_((choice.factor * trained[name]).log())
+    pyro_monteclora.save_pretrained(mc, tmp_path / "adapter")
+    loaded = pyro_monteclora.load(tiny_bert(vocab_size=16), tmp_path / "adapter")
+    for name, width in loaded.guide.widths().items():
+        assert torch.allclose(width, choice.factor * trained[name], rtol=1e-5)

@@ -176,11 +176,6 @@ def test_the_learned_variant_is_refused_where_it_does_not_apply():
         MonteCLoRAConfig(variant="learned", column_prior=True)
     with pytest.raises(ValueError, match="guide_learning_rate must be a positive number"):
         MonteCLoRAConfig(guide_learning_rate=0.0)
-    from pyro_monteclora.prediction.posterior_scale import tune_posterior_scale
-
-    mc = MonteCLoRA.from_model(tiny_bert(vocab_size=16), lora_r=4, variant="learned")
-    with pytest.raises(ValueError, match="widths are set by the ELBO"):
-        tune_posterior_scale(mc, toy_sentiment(8), factors=(1, 2), num_samples=2, tokenizer=toy_tokenizer())
 
 
 def test_blob_kl_schedule_weighs_an_epoch_like_the_elbo_and_late_steps_most():

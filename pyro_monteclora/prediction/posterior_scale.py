@@ -18,6 +18,11 @@ noise scales by ``factor**2``. The chosen scale is written into ``monteclora.mon
 so :func:`pyro_monteclora.save_pretrained` / :func:`pyro_monteclora.load` keep it. Every
 factor is scored with the same seeded draws (common random numbers), so the curve is smooth.
 
+In the ``"learned"`` variant the ELBO set a width per column instead of one ``eps``; the factor
+multiplies every learned width (their ratios stay the ELBO's), and the chosen widths are the
+guide's, saved with it. There the curve is the validation NLL against the width that #31 asks
+to see: factor 1 is what the ELBO chose.
+
 Example:
     >>> from pyro_monteclora import MonteCLoRA
     >>> from pyro_monteclora.testing import tiny_bert, toy_sentiment, toy_tokenizer
@@ -34,7 +39,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
 
 from ..calibration import calibration_metrics
 from .evaluation import predictive_outputs
@@ -50,8 +57,10 @@ class ScaleChoice:
     """What :func:`tune_posterior_scale` measured and chose.
 
     Attributes:
-        factor: the chosen multiplier of the trained ``eps``.
-        sample_scaler: the new ``eps`` (trained ``eps`` x ``factor``), now the model's.
+        factor: the chosen multiplier of the trained ``eps`` (of the learned widths in the
+            ``"learned"`` variant).
+        sample_scaler: the new ``eps`` (trained ``eps`` x ``factor``), now the model's; in the
+            ``"learned"`` variant the unchanged ``eps`` (the widths carry the factor).
         trained_sample_scaler: ``eps`` before tuning.
         factors: the multipliers tried, in order.
         nll: validation NLL (per example) of the posterior predictive at each factor.
@@ -139,16 +148,13 @@ def tune_posterior_scale(
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
     if not tolerance >= 0:
         raise ValueError(f"tolerance must be a non-negative number of nats, got {tolerance!r}")
-    if monteclora.monteclora_config.variant != "paper":
-        raise ValueError("tune_posterior_scale scales the paper variant's fixed epsilon; the 'learned' variant's "
-                         "widths are set by the ELBO (fit a temperature on top instead: "
-                         "pyro_monteclora.calibration.fit_temperature)")
     trained = float(monteclora.monteclora_config.sample_scaler)
+    scale = _scaler(monteclora)
     tried: dict[float, tuple[float, float]] = {}
 
     def score(factor: float) -> float:
         if factor not in tried:
-            set_sample_scaler(monteclora, trained * factor)
+            scale(factor)
             out = predictive_outputs(monteclora, validation_data, num_samples, "sample", batch_size, seed, tokenizer)
             metrics = calibration_metrics(out["probs"], out["labels"])
             tried[factor] = (float(metrics["nll"]), float(metrics["ece"]))
@@ -164,14 +170,34 @@ def tune_posterior_scale(
                 for factor in factors:
                     score(float(factor))
         finally:
-            set_sample_scaler(monteclora, trained)
+            scale(1.0)
     order = list(tried)
     factor = choose_factor(order, [tried[f][0] for f in order], mean_nll, rule, tolerance)
-    set_sample_scaler(monteclora, trained * factor)
+    scale(factor)
     return ScaleChoice(
-        factor=factor, sample_scaler=trained * factor, trained_sample_scaler=trained, factors=order,
+        factor=factor, sample_scaler=float(monteclora.monteclora_config.sample_scaler), trained_sample_scaler=trained,
+        factors=order,
         nll=[tried[f][0] for f in order], ece=[tried[f][1] for f in order], mean_nll=mean_nll, rule=rule,
     )
+
+
+def _scaler(monteclora: Any) -> Callable[[float], None]:
+    """``scale(factor)``: the trained noise scale times ``factor`` (``scale(1.0)`` restores it).
+
+    The paper variant's ``eps``, or every learned column width (the guide's ``log_width`` plus ``log factor``).
+    """
+    if monteclora.monteclora_config.variant == "paper":
+        trained = float(monteclora.monteclora_config.sample_scaler)
+        return lambda factor: set_sample_scaler(monteclora, trained * factor)
+    log_widths = [p.log_width for p in monteclora.guide.posteriors.values()]
+    trained_logs = [w.detach().clone() for w in log_widths]
+
+    def scale(factor: float) -> None:
+        with torch.no_grad():
+            for log_width, log_trained in zip(log_widths, trained_logs):
+                log_width.copy_(log_trained + math.log(factor))
+
+    return scale
 
 
 def _search(score: Any, rule: str, limit: float, max_factor: float) -> None:
