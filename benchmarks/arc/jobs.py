@@ -25,8 +25,8 @@ from .methods import (
 RESULTS = os.path.join("benchmarks", "results", "arc")
 ADAPTERS = os.path.join("benchmarks", "out", "arc")
 #: Jobs; lora_ts, ours_ts and the ensemble are formed from saved outputs at summary time.
-JOBS = ("lora", "lora_mc", "ours", "ours_learned", "ours_mc", "ours_recommended", "bayesianize", "blob", "peft_mc",
-        "mc_dropout", "lora_m1", "lora_m2")
+JOBS = ("lora", "lora_mc", "ours", "ours_learned", "ours_mc", "ours_recommended", "ours_learned_recommended",
+        "bayesianize", "blob", "peft_mc", "mc_dropout", "lora_m1", "lora_m2")
 LR_JOBS = ("lora", "ours")
 #: The peft LoRA jobs and their seed offsets (lora_mc: LoRA on the multiple-choice likelihood, lora's seed).
 MEMBER_SEEDS = {"lora": 0, "lora_m1": 1000, "lora_m2": 2000, "lora_mc": 0}
@@ -37,6 +37,9 @@ LEARNED = dict(variant="learned", prior_std=0.2, guide_learning_rate=0.05)
 #: What each trained variant of ours passes to ``train`` on top of the paper's settings; ``ours_mc`` trains
 #: by the multiple-choice likelihood (the label from a Categorical over the choices' scores) instead of SFT.
 OURS = {"ours": {}, "ours_learned": LEARNED, "ours_mc": dict(task="multiple_choice")}
+#: The posterior-scale jobs: the trained adapter of a job of ``OURS`` with its scale chosen on val (the paper
+#: variant's epsilon, or every learned width: the validation NLL curve against the width, #31).
+RECOMMENDED = {"ours_recommended": "ours_mc", "ours_learned_recommended": "ours_learned"}
 
 
 def job_path(job: str, seed: int, lr: float = PROTOCOL.lr) -> str:
@@ -135,10 +138,10 @@ def run_job(job: str, seed: int, lr: float = PROTOCOL.lr) -> dict:
         monteclora = _ours(rows, seed, lr, record, curve=lr == PROTOCOL.lr, job=job)
         record["mean_adapter"] = call_with_scores(lambda r: mean_scores(monteclora, r), rows, sets)
         record["outputs"] = call_with_scores(lambda r: posterior_scores(monteclora, r, PROTOCOL.samples, seed), rows, sets)
-    elif job == "ours_recommended":
+    elif job in RECOMMENDED:
         from pyro_monteclora.prediction.posterior_scale import tune_posterior_scale
 
-        monteclora = _ours(rows, seed, lr, {}, curve=False)
+        monteclora = _ours(rows, seed, lr, {}, curve=False, job=RECOMMENDED[job])
         choice = tune_posterior_scale(monteclora, rows["val"], num_samples=4, seed=seed)
         record["scale"] = {k: v for k, v in vars(choice).items()}
         record["outputs"] = call_with_scores(lambda r: posterior_scores(monteclora, r, PROTOCOL.samples, seed), rows, sets)

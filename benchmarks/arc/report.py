@@ -9,6 +9,7 @@ figure of reliability diagrams (test) and of NLL / ECE against the training step
 from __future__ import annotations
 
 import datetime
+import functools
 import glob
 import json
 import math
@@ -35,14 +36,16 @@ METHODS = {
     "mc_dropout": f"LoRA MC dropout (S = {PROTOCOL.samples})",
     "ensemble": "3-LoRA deep ensemble",
     "blob": f"BLoB-style Gaussian on A (flipout, S = {PROTOCOL.samples})",
+    "blob_ts": "BLoB-style predictive + temperature scaling",
     "peft_mc": "peft's MonteCLoRA variant",
     "ours_mean": "ours (paper settings), mean adapter",
     "ours": f"ours (paper settings), predictive S = {PROTOCOL.samples}",
     "ours_ts": "ours predictive + temperature scaling",
-    "ours_recommended": "ours, posterior scale chosen on val",
+    "ours_recommended": "ours by the multiple-choice likelihood, posterior scale chosen on val",
     "ours_learned_mean": "ours, learned width (#31), mean adapter",
     "ours_learned": f"ours, learned width (#31), predictive S = {PROTOCOL.samples}",
     "ours_learned_ts": "ours learned-width predictive + temperature scaling",
+    "ours_learned_recommended": "ours, learned width, every width scaled by the factor chosen on val",
     "ours_mc_mean": "ours by the multiple-choice likelihood, mean adapter",
     "ours_mc": f"ours by the multiple-choice likelihood, predictive S = {PROTOCOL.samples}",
     "ours_mc_ts": "ours multiple-choice predictive + temperature scaling",
@@ -52,6 +55,7 @@ SETS = {"test": "ARC-Easy test", "shift": "OpenBookQA (shift)", "far": "BoolQ (f
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
 
 
+@functools.lru_cache(maxsize=None)
 def _load(job: str, seed: int, lr: float = PROTOCOL.lr) -> Optional[dict]:
     path = job_path(job, seed, lr)
     if not os.path.exists(path):
@@ -82,7 +86,7 @@ def _scaled(outputs: dict, temperature: float) -> dict:
 
 def method_outputs(method: str, seed: int, lr: float = PROTOCOL.lr) -> Optional[dict]:
     """``{set: {probs, labels, prediction_norm?, mutual_information?}}`` of a method and seed, or None."""
-    if method in ("lora_ts", "lora_mc_ts", "ours_ts", "ours_learned_ts", "ours_mc_ts"):
+    if method.endswith("_ts"):
         record = _load(method[: -len("_ts")], seed, lr)
         if record is None:
             return None
@@ -95,7 +99,7 @@ def method_outputs(method: str, seed: int, lr: float = PROTOCOL.lr) -> Optional[
             return None
         return {name: {"log_probs": torch.stack([probs_of(m["outputs"][name]) for m in members]).mean(0).log().tolist(),
                        "labels": members[0]["outputs"][name]["labels"]} for name in members[0]["outputs"]}
-    if method in ("ours_mean", "ours_learned_mean", "ours_mc_mean"):
+    if method.endswith("_mean"):
         record = _load(method[: -len("_mean")], seed, lr)
         return None if record is None else record["mean_adapter"]
     record = _load(method, seed, lr)
@@ -141,59 +145,103 @@ def summary(lr: float = PROTOCOL.lr) -> dict[str, dict[str, dict[str, list[float
     return table
 
 
-def _targets(table: dict) -> list[str]:
-    """Issue #25's targets, each hit or missed (means; intervals in the tables above)."""
-    def mean(method, name, key):
-        values = table.get(method, {}).get(name, {}).get(key)
-        return float(np.mean(values)) if values else None
+#: The rows of ours a user could be given (the recipe is the one of them with the lowest validation NLL).
+OURS_ROWS = ("ours", "ours_ts", "ours_mc", "ours_mc_ts", "ours_learned", "ours_learned_ts", "ours_recommended",
+             "ours_learned_recommended")
 
-    lines = []
-    ours = "ours_recommended" if "ours_recommended" in table else "ours"
-    for name in ("test", "shift"):
-        e, e_lora, e_ts = mean(ours, name, "ece"), mean("lora", name, "ece"), mean("lora_ts", name, "ece")
-        if None in (e, e_lora, e_ts):
-            lines.append(f"- {SETS[name]}: not all of {ours}, lora, lora_ts have run.")
+
+def verdict(mean: float, half: float, threshold: float = 0.0) -> str:
+    """``mean <= threshold`` stated with its interval: a clear hit or miss, or a hit / miss on the mean only."""
+    mean = round(mean, 12)  # a difference of equal accuracies is 0, not 1e-17
+    if math.isnan(half):
+        return "hit on one seed" if mean <= threshold else "missed on one seed"
+    if mean + half <= threshold:
+        return "hit (the interval too)"
+    if mean - half > threshold:
+        return "missed (the interval too)"
+    return "hit on the mean, the interval spans it" if mean <= threshold else "missed on the mean, the interval spans it"
+
+
+def _val_nll(method: str) -> float:
+    """A row's validation NLL, the mean over its seeds (``inf``: not run)."""
+    values = [set_metrics(out["val"])["nll"] for s in _seeds() if (out := method_outputs(method, s)) is not None]
+    return float(np.mean(values)) if values else math.inf
+
+
+def recommended_row(table: dict) -> Optional[str]:
+    """The row of ours with the lowest validation NLL (mean over its seeds): the recipe, chosen on val only."""
+    run = [m for m in OURS_ROWS if m in table]
+    return min(run, key=_val_nll) if run else None
+
+
+def _diff(a: str, b: str, name: str, key: str, factor: float = 1.0, offset: float = 0.0) -> str:
+    """``key(a) - factor * key(b) - offset`` per seed (paired), with its verdict against 0."""
+    diffs = []
+    for seed in _seeds():
+        out_a, out_b = method_outputs(a, seed), method_outputs(b, seed)
+        if out_a is not None and out_b is not None:
+            diffs.append(set_metrics(out_a[name])[key] - factor * set_metrics(out_b[name])[key] - offset)
+    if not diffs:
+        return f"{a} and {b} share no seed"
+    mean, half = interval(diffs)
+    spread = "" if math.isnan(half) else f" ± {half:.3f}"
+    return f"{mean:+.3f}{spread} over {len(diffs)} seed(s): {verdict(mean, half)}"
+
+
+def _targets(table: dict) -> list[str]:
+    """Issue #25's targets for the recommended row of ours, each a paired difference over the shared seeds with
+    its 95% interval, against LoRA trained by SFT and against LoRA trained by the same multiple-choice likelihood."""
+    ours = recommended_row(table)
+    if ours is None:
+        return ["- no row of ours has run yet."]
+    lines = [f"The recommended row, the row of ours with the lowest validation NLL: **{ours}**. Each line is "
+             "the paired difference over the seeds both rows ran (mean ± 95% t-interval); the target holds when it "
+             "is <= 0.", ""]
+    for lora in ("lora", "lora_mc"):
+        if lora not in table:
             continue
-        nll = mean(ours, name, "nll")
-        others = {m: mean(m, name, "nll") for m in table if m != ours and mean(m, name, "nll") is not None}
-        best_other = min(others, key=others.get)
-        lines.append(
-            f"- {SETS[name]}: ECE {e:.3f} vs LoRA + TS {e_ts:.3f} and 0.4 x LoRA = {0.4 * e_lora:.3f}: "
-            f"{'hit' if e <= e_ts and e <= 0.4 * e_lora else 'missed'}; NLL {nll:.3f} vs the best other method "
-            f"({best_other}, {others[best_other]:.3f}): {'hit' if nll < others[best_other] else 'missed'}"
-            + (f"; accuracy {mean(ours, name, 'accuracy'):.3f} vs LoRA - 1 point {mean('lora', name, 'accuracy') - 0.01:.3f}: "
-               f"{'hit' if mean(ours, name, 'accuracy') >= mean('lora', name, 'accuracy') - 0.01 else 'missed'}"
-               if name == "test" else "")
-        )
+        for name in ("test", "shift"):
+            others = [m for m in table if m != ours and m in METHODS and not m.startswith("ours")]
+            best = min(others, key=lambda m: float(np.mean(table[m][name]["nll"])))
+            lines.append(
+                f"- {SETS[name]}, against {lora}: ECE − {lora}_ts {_diff(ours, lora + '_ts', name, 'ece')}; "
+                f"ECE − 0.4 × {lora} {_diff(ours, lora, name, 'ece', factor=0.4)}; "
+                f"NLL − the best baseline's ({best}) {_diff(ours, best, name, 'nll')}"
+                + (f"; {lora} − 1 point − accuracy {_diff(lora, ours, name, 'accuracy', offset=0.01)}"
+                   if name == "test" else ""))
     return lines
 
 
+#: The learned-width rows (#31): the predictive, its mean adapter, its temperature-scaled predictive.
+LEARNED_JOBS = ("ours_learned",)
+
+
+def _matched_lora(method: str) -> str:
+    """The LoRA trained by the same likelihood as a row of ours (``lora_mc`` for the multiple-choice rows)."""
+    return "lora_mc" if method.startswith(("ours_mc", "ours_recommended")) else "lora"
+
+
 def learned_targets(table: dict) -> list[str]:
-    """Issue #31's targets for the learned-width variant (means over its seeds; intervals in the tables)."""
-    seeds = [s for s in _seeds() if method_outputs("ours_learned", s) is not None]
-    if not seeds:
-        return ["- the learned-width variant (ours_learned) has not run yet."]
-
-    def mean(method, name, key):
-        values = table.get(method, {}).get(name, {}).get(key)
-        return float(np.mean(values)) if values else float("nan")
-
+    """Issue #31's targets for the learned-width variant: paired differences over shared seeds, 95% intervals."""
     lines = []
-    for name in ("val", "test"):
-        pred = [set_metrics(method_outputs("ours_learned", s)[name])["nll"] for s in seeds]
-        mean_nll = [set_metrics(method_outputs("ours_learned_mean", s)[name])["nll"] for s in seeds]
-        lines.append(f"- {name}: predictive NLL {np.mean(pred):.3f} vs its mean adapter's {np.mean(mean_nll):.3f} "
-                     f"({len(seeds)} seeds): {'hit' if np.mean(pred) < np.mean(mean_nll) else 'missed'}")
-    for name in ("test", "shift"):
-        best = min(("ours_ts", "ours_learned_ts"), key=lambda m: mean(m, name, "nll") if table.get(m) else float("inf"))
-        lines.append(
-            f"- {SETS[name]}: {best} NLL {mean(best, name, 'nll'):.3f} / ECE {mean(best, name, 'ece'):.3f} vs LoRA + TS "
-            f"{mean('lora_ts', name, 'nll'):.3f} / {mean('lora_ts', name, 'ece'):.3f}: "
-            f"{'hit' if mean(best, name, 'nll') < mean('lora_ts', name, 'nll') and mean(best, name, 'ece') < mean('lora_ts', name, 'ece') else 'missed'}; "
-            f"without TS ECE {mean('ours_learned', name, 'ece'):.3f} vs 0.5 x LoRA {0.5 * mean('lora', name, 'ece'):.3f}: "
-            f"{'hit' if mean('ours_learned', name, 'ece') <= 0.5 * mean('lora', name, 'ece') else 'missed'}; accuracy "
-            f"{mean('ours_learned', name, 'accuracy'):.3f} vs LoRA - 1 point {mean('lora', name, 'accuracy') - 0.01:.3f}: "
-            f"{'hit' if mean('ours_learned', name, 'accuracy') >= mean('lora', name, 'accuracy') - 0.01 else 'missed'}")
+    for job in LEARNED_JOBS:
+        if job not in table:
+            lines.append(f"- {job} has not run yet.")
+            continue
+        lora = _matched_lora(job)
+        for name in ("val", "test"):
+            lines.append(f"- {job}, {name}: predictive NLL − its mean adapter's {_diff(job, job + '_mean', name, 'nll')}")
+        for name in ("test", "shift"):
+            lines.append(f"- {job}, {SETS[name]}: without TS, ECE − 0.5 × {lora}'s "
+                         f"{_diff(job, lora, name, 'ece', factor=0.5)}; {lora} − 1 point − accuracy "
+                         f"{_diff(lora, job, name, 'accuracy', offset=0.01)}")
+    run = [m for m in OURS_ROWS if m.endswith("_ts") and m in table]
+    if run:
+        best = min(run, key=_val_nll)
+        lora = _matched_lora(best) + "_ts"
+        for name in ("test", "shift"):
+            lines.append(f"- the best variant + TS (chosen on val NLL: {best}), {SETS[name]}, against {lora}: NLL "
+                         f"{_diff(best, lora, name, 'nll')}; ECE {_diff(best, lora, name, 'ece')}")
     return lines
 
 
@@ -223,6 +271,21 @@ def likelihood_choice(table: dict) -> list[str]:
               f"choice), accuracy {acc_sft:.3f} vs {acc_mc:.3f}: the rule (lower NLL, accuracy within 1 point) picks "
               f"**{'the multiple-choice likelihood' if better == 'ours_mc' else 'SFT'}** over {len(seeds)} seed(s)."]
     return lines
+
+
+def scale_curves() -> list[str]:
+    """The validation NLL against the posterior scale (the paper's epsilon, or every learned width) per seed."""
+    lines = []
+    for job, what in (("ours_recommended", "epsilon of ours_mc"), ("ours_learned_recommended", "learned widths")):
+        for seed in _seeds():
+            record = _load(job, seed)
+            if record is None or "scale" not in record:
+                continue
+            scale = record["scale"]
+            curve = ", ".join(f"×{f:g}: {n:.3f}" for f, n in sorted(zip(scale["factors"], scale["nll"])))
+            lines.append(f"- {job}, seed {seed} ({what}): mean adapter {scale['mean_nll']:.3f}; {curve}; "
+                         f"chosen ×{scale['factor']:g}")
+    return lines or ["- no posterior-scale job has run yet."]
 
 
 def training_times() -> list[str]:
@@ -337,7 +400,9 @@ def write_report(command: str) -> str:
         lines.append("")
     lines += ["## Targets (issue #25)", "", *_targets(table), "", "## Targets of the learned width (issue #31)", "",
               *learned_targets(table), "", "## The likelihood: SFT or the multiple-choice likelihood", "",
-              *likelihood_choice(table), "", "## Training time", "", *training_times(), "",
+              *likelihood_choice(table), "", "## Validation NLL against the posterior's scale", "",
+              "The posterior-scale jobs score S = 4 draws per factor on val (the same draws for every factor).", "",
+              *scale_curves(), "", "## Training time", "", *training_times(), "",
               "## Learning-rate robustness", "", *lr_study(), ""]
     report = "\n".join(lines)
     os.makedirs(OUT, exist_ok=True)
