@@ -23,14 +23,13 @@ import json
 import math
 import os
 import re
-import tempfile
 from typing import Any, Iterable, Optional
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ..io.atomic import atomic_write, check_finite, deferred_interrupts, recover_output
+from ..io.atomic import atomic_write, atomic_write_file, check_finite, recover_output
 from ..io.lock import hold_output
 from ..io.read import read_json_object
 
@@ -197,26 +196,9 @@ def peft_to_kohya(adapter_path: str, output: str, *, include_modules_to_save: bo
         config = read_json_object(config_path)
         tensors, metadata = to_kohya_state_dict(_read_tensors(weights_path), config, include_modules_to_save)
         check_finite(tensors, "the Kohya file")
-        parent = os.path.dirname(os.path.abspath(output))
-        with deferred_interrupts():
-            handle, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(output)}.tmp-", dir=parent)
-        os.close(handle)
-        try:  # safetensors' save_file, not atomic_write_file's bytes: the fault campaign injects errors there
-            save_file(tensors, tmp, metadata=metadata)
-            os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; the output gets the usual permissions
-            os.replace(tmp, output)
-        except BaseException:
-            with deferred_interrupts():
-                if os.path.exists(tmp):
-                    os.remove(tmp)
-            raise
+        # written by safetensors' save_file into the temporary file (the fault campaign injects errors there)
+        atomic_write_file(output, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     return output
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def kohya_to_peft(

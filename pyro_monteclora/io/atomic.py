@@ -24,7 +24,7 @@ import signal
 import sys
 import tempfile
 import threading
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -174,11 +174,13 @@ def atomic_write(folder: PathLike, overwrite: bool, write: Any) -> str:
     return folder
 
 
-def atomic_write_file(path: PathLike, data: bytes) -> str:
+def atomic_write_file(path: PathLike, data: "bytes | Callable[[str], None]") -> str:
     """Write ``data`` to the file ``path`` through a temporary file beside it and a rename.
 
-    A failure or Ctrl-C leaves an existing file as it was and no temporary file; the one-writer
-    lock of ``path`` is held throughout. Returns the absolute path.
+    ``data``: the bytes, or a writer ``write(tmp_path)`` that writes the temporary file itself
+    (e.g. safetensors' ``save_file``). A failure or Ctrl-C leaves an existing file as it was and
+    no temporary file; the one-writer lock of ``path`` is held throughout (re-entrant: a caller
+    may already hold it). Returns the absolute path.
 
     Example:
         >>> import os, tempfile
@@ -192,8 +194,12 @@ def atomic_write_file(path: PathLike, data: bytes) -> str:
         with deferred_interrupts():
             handle, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.tmp-", dir=os.path.dirname(path))
         try:
-            with os.fdopen(handle, "wb") as stream:
-                stream.write(data)
+            if callable(data):
+                os.close(handle)
+                data(tmp)
+            else:
+                with os.fdopen(handle, "wb") as stream:
+                    stream.write(data)
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it 0600; the output gets the usual permissions
