@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ..calibration.jobs import save_job
 from .data import PROTOCOL, load_rows
 from .methods import (
     Curve, SUITE, base_model, call_with_scores, deterministic_scores, dropout_on, mean_scores, posterior_scores,
@@ -45,14 +46,6 @@ RECOMMENDED = {"ours_recommended": "ours_mc", "ours_learned_recommended": "ours_
 def job_path(job: str, seed: int, lr: float = PROTOCOL.lr) -> str:
     suffix = "" if lr == PROTOCOL.lr else f"-lr{lr:g}"
     return os.path.join(RESULTS, f"{job}-s{seed}{suffix}.json")
-
-
-def save_job(path: str, record: dict) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as handle:
-        json.dump(record, handle)
-    os.replace(tmp, path)
 
 
 def _adapter_folder(job: str, seed: int, lr: float) -> str:
