@@ -157,5 +157,13 @@ def run_job(job: str, seed: int, lr: float = PROTOCOL.lr) -> dict:
         raise ValueError(f"unknown job {job!r}; use one of {JOBS}")
     record["seconds"] = time.perf_counter() - start
     record["device"] = "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name()
+    record["versions"] = _versions()
     save_job(path, record)
     return record
+
+
+def _versions() -> dict[str, str]:
+    """The versions of the libraries that decide a job's numbers (a job of another version is not a repeat)."""
+    from importlib.metadata import version
+
+    return {name: version(name) for name in ("torch", "transformers", "peft", "pyro-ppl")}
