@@ -126,3 +126,29 @@ def test_the_learned_variant_scales_every_learned_width_and_saves_them(tmp_path)
     loaded = pyro_monteclora.load(tiny_bert(vocab_size=16), tmp_path / "adapter")
     for name, width in loaded.guide.widths().items():
         assert torch.allclose(width, choice.factor * trained[name], rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["paper", "learned"])
+def test_a_failure_while_scoring_restores_the_trained_scale(variant, monkeypatch):
+    """Scoring that fails halfway through the search leaves eps and every learned width as trained."""
+    from pyro_monteclora.prediction import posterior_scale
+
+    mc = MonteCLoRA.from_model(tiny_bert(vocab_size=16), lora_r=4, variant=variant, sample_scaler=0.05)
+    mc.tokenizer = toy_tokenizer()
+    widths = {name: w.detach().clone() for name, w in (mc.guide.widths() or {}).items()}
+    real, calls = posterior_scale.predictive_outputs, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # the mean adapter, factor 1, then factor 4 fails
+            raise RuntimeError("out of memory")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(posterior_scale, "predictive_outputs", failing)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        tune_posterior_scale(mc, toy_sentiment(8), factors=(1, 4), num_samples=2, seed=0)
+    assert len(calls) == 3
+    assert mc.monteclora_config.sample_scaler == mc.model.sample_scaler == pytest.approx(0.05)
+    for name, width in (mc.guide.widths() or {}).items():
+        assert torch.equal(width, widths[name])
+    assert (mc.guide.widths() is None) == (variant == "paper")

@@ -102,7 +102,7 @@ def run_job(job: str, seed: int, lr: float = PROTOCOL.lr) -> dict:
         with open(path, encoding="utf-8") as handle:
             return json.load(handle)
     rows = load_rows()
-    record: dict[str, Any] = {"job": job, "seed": seed, "lr": lr, "samples": PROTOCOL.samples}
+    record: dict[str, Any] = {"job": job, "seed": seed, "lr": lr, "samples": PROTOCOL.samples, "versions": _versions()}
     torch.manual_seed(seed)
     start = time.perf_counter()
     sets = list(SETS)
@@ -157,13 +157,18 @@ def run_job(job: str, seed: int, lr: float = PROTOCOL.lr) -> dict:
         raise ValueError(f"unknown job {job!r}; use one of {JOBS}")
     record["seconds"] = time.perf_counter() - start
     record["device"] = "cpu" if not torch.cuda.is_available() else torch.cuda.get_device_name()
-    record["versions"] = _versions()
     save_job(path, record)
     return record
 
 
 def _versions() -> dict[str, str]:
-    """The versions of the libraries that decide a job's numbers (a job of another version is not a repeat)."""
-    from importlib.metadata import version
+    """The versions of the libraries that decide a job's numbers (recorded; the report pools jobs whatever they say)."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    return {name: version(name) for name in ("torch", "transformers", "peft", "pyro-ppl")}
+    found = {}
+    for name in ("torch", "transformers", "peft", "pyro-ppl"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "not installed"
+    return found

@@ -8,8 +8,9 @@
 - ``ours``: :func:`pyro_monteclora.train` with the paper's settings, by SFT; ``ours_learned`` the
   learned-width variant (#31); ``ours_mc`` the paper's settings by the multiple-choice likelihood.
 - derived: temperature scaling (any ``<job>_ts``, T fitted on val), the ensemble, ``ours_recommended``
-  (``ours_mc``'s adapter with the posterior scale chosen on val), ``bayesianize`` (of the saved LoRA,
-  fitted on val).
+  (``ours_mc``'s adapter with the posterior scale chosen on val), ``ours_learned_recommended``
+  (``ours_learned``'s adapter with every learned width scaled by the factor chosen on val),
+  ``bayesianize`` (of the saved LoRA, fitted on val).
 
 Scores are per-draw summed log-likelihoods of every choice, ``(S, n, K)``, as lm-eval computes them
 (:func:`pyro_monteclora.prediction.choices.network_choice_scores` / ``score_choices``).

@@ -120,13 +120,14 @@ def tune_posterior_scale(
     batch_size: int = 32,
     max_factor: float = 256.0,
 ) -> ScaleChoice:
-    """Set ``monteclora``'s ``eps`` to the trained one times the factor ``rule`` picks on ``validation_data``.
+    """Set ``monteclora``'s ``eps`` to the trained one times the factor ``rule`` picks on ``validation_data``
+    (in the ``"learned"`` variant: every learned column width times that factor).
 
     Args:
         monteclora: a trained :class:`~pyro_monteclora.MonteCLoRA` (changed in place).
         validation_data: held-out ``text``/``label`` rows (classifier) or multiple-choice
             instruction rows (causal LM), in any form :func:`pyro_monteclora.evaluate` takes.
-        factors: positive multipliers of the trained ``eps`` to try, or ``"auto"``: a
+        factors: positive multipliers of the trained ``eps`` (or widths) to try, or ``"auto"``: a
             geometric search from 1 that doubles (or halves) while the validation NLL falls,
             then tries the best factor times ``2**(+-1/2)`` (about 6 to 9 evaluations; with
             ``rule="tolerance"`` it doubles while the NLL stays within the tolerance).
