@@ -20,8 +20,8 @@ factor is scored with the same seeded draws (common random numbers), so the curv
 
 In the ``"learned"`` variant the ELBO set a width per column instead of one ``eps``; the factor
 multiplies every learned width (their ratios stay the ELBO's), and the chosen widths are the
-guide's, saved with it. There the curve is the validation NLL against the width that #31 asks
-to see: factor 1 is what the ELBO chose.
+guide's, saved with it. There the curve is the validation NLL against the learned width:
+factor 1 is what the ELBO chose.
 
 Example:
     >>> from pyro_monteclora import MonteCLoRA
