@@ -36,6 +36,7 @@ METHODS = {
     "lora_mc": "peft LoRA (MLE) by the multiple-choice likelihood",
     "lora_mc_ts": "LoRA by the multiple-choice likelihood + temperature scaling",
     "mc_dropout": f"LoRA MC dropout (S = {PROTOCOL.samples})",
+    "mc_dropout_ts": "LoRA MC dropout + temperature scaling",
     "ensemble": "3-LoRA deep ensemble",
     "blob": f"BLoB-style Gaussian on A (flipout, S = {PROTOCOL.samples})",
     "blob_ts": "BLoB-style predictive + temperature scaling",
