@@ -90,6 +90,7 @@ def _scaled(outputs: dict, temperature: float) -> dict:
             for name, out in outputs.items()}
 
 
+@functools.lru_cache(maxsize=None)  # a report asks for the same rows many times (a _ts row fits its temperature)
 def method_outputs(method: str, seed: int, lr: float = PROTOCOL.lr) -> Optional[dict]:
     """``{set: {probs, labels, prediction_norm?, mutual_information?}}`` of a method and seed, or None."""
     if method.endswith("_ts"):
@@ -156,16 +157,16 @@ OURS_ROWS = ("ours", "ours_ts", "ours_mc", "ours_mc_ts", "ours_learned", "ours_l
              "ours_learned_recommended")
 
 
-def verdict(mean: float, half: float, threshold: float = 0.0) -> str:
-    """``mean <= threshold`` stated with its interval: a clear hit or miss, or a hit / miss on the mean only."""
+def verdict(mean: float, half: float) -> str:
+    """``mean <= 0`` stated with its interval: a clear hit or miss, or a hit / miss on the mean only."""
     mean, half = round(mean, 12), round(half, 12)  # a difference of equal accuracies is 0, not 1e-17
     if math.isnan(half):
-        return "hit on one seed" if mean <= threshold else "missed on one seed"
-    if mean + half <= threshold:
+        return "hit on one seed" if mean <= 0 else "missed on one seed"
+    if mean + half <= 0:
         return "hit (the interval too)"
-    if mean - half > threshold:
+    if mean - half > 0:
         return "missed (the interval too)"
-    return "hit on the mean, the interval spans it" if mean <= threshold else "missed on the mean, the interval spans it"
+    return "hit on the mean, the interval spans it" if mean <= 0 else "missed on the mean, the interval spans it"
 
 
 def recommended_row(table: dict, rows: tuple[str, ...] = OURS_ROWS) -> Optional[str]:
