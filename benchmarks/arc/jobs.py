@@ -26,7 +26,7 @@ from .methods import (
 RESULTS = os.path.join("benchmarks", "results", "arc")
 ADAPTERS = os.path.join("benchmarks", "out", "arc")
 #: Jobs; lora_ts, ours_ts and the ensemble are formed from saved outputs at summary time.
-JOBS = ("lora", "lora_mc", "ours", "ours_learned", "ours_mc", "ours_recommended", "ours_learned_recommended",
+JOBS = ("lora", "lora_mc", "ours", "ours_learned", "ours_mc", "ours_learned_mc", "ours_recommended", "ours_learned_recommended",
         "bayesianize", "blob", "peft_mc", "mc_dropout", "lora_m1", "lora_m2")
 LR_JOBS = ("lora", "ours")
 #: The peft LoRA jobs and their seed offsets (lora_mc: LoRA on the multiple-choice likelihood, lora's seed).
@@ -36,8 +36,10 @@ BAYESIANIZE = dict(num_epochs=2, learning_rate=1e-2)
 #: The learned-width variant (#31): BLoB's prior scale, the guide at its own learning rate.
 LEARNED = dict(variant="learned", prior_std=0.2, guide_learning_rate=0.05)
 #: What each trained variant of ours passes to ``train`` on top of the paper's settings; ``ours_mc`` trains
-#: by the multiple-choice likelihood (the label from a Categorical over the choices' scores) instead of SFT.
-OURS = {"ours": {}, "ours_learned": LEARNED, "ours_mc": dict(task="multiple_choice")}
+#: by the multiple-choice likelihood (the label from a Categorical over the choices' scores) instead of SFT, and
+#: ``ours_learned_mc`` is the learned-width variant by that likelihood.
+OURS = {"ours": {}, "ours_learned": LEARNED, "ours_mc": dict(task="multiple_choice"),
+        "ours_learned_mc": dict(LEARNED, task="multiple_choice")}
 #: The posterior-scale jobs: the trained adapter of a job of ``OURS`` with its scale chosen on val (the paper
 #: variant's epsilon, or every learned width: the validation NLL curve against the width, #31).
 RECOMMENDED = {"ours_recommended": "ours_mc", "ours_learned_recommended": "ours_learned"}
