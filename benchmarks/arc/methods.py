@@ -6,7 +6,8 @@
 - ``peft_mc``: peft's MonteCLoRA variant (NLL + its own loss), deterministic at test.
 - ``blob``: the BLoB-style mean-field Gaussian on A (:mod:`.blob`).
 - ``ours``: :func:`pyro_monteclora.train` with the paper's settings, by SFT; ``ours_learned`` the
-  learned-width variant (#31); ``ours_mc`` the paper's settings by the multiple-choice likelihood.
+  learned-width variant (#31); ``ours_mc`` the paper's settings by the multiple-choice likelihood,
+  ``ours_learned_mc`` the learned width by it.
 - derived: temperature scaling (any ``<job>_ts``, T fitted on val), the ensemble, ``ours_recommended``
   (``ours_mc``'s adapter with the posterior scale chosen on val), ``ours_learned_recommended``
   (``ours_learned``'s adapter with every learned width scaled by the factor chosen on val),
