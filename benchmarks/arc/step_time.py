@@ -21,7 +21,7 @@ import statistics
 import sys
 import time
 from dataclasses import replace
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -47,7 +47,10 @@ def _step_times(method: str, rows: list[dict], seed: int) -> list[float]:
     trainer, choices, overrides = METHODS[method]
     suite = replace(SUITE, epochs=1)
     ends: list[float] = []
-    mark: Callable[..., None] = lambda *_: ends.append(time.perf_counter())  # noqa: E731
+
+    def mark(*_: Any) -> None:
+        ends.append(time.perf_counter())
+
     if trainer == "lora":
         train_plain(suite, rows if choices else sft_rows(rows), seed, choices=choices, on_step=mark)
     else:
