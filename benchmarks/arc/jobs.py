@@ -1,7 +1,7 @@
 """The jobs of ``benchmarks.arc``: one (method, seed[, learning rate]) each, saved when finished.
 
 A job writes ``benchmarks/results/arc/<method>-s<seed>[-lr<lr>].json``: per set (val, test, shift,
-far) the predictive probabilities over the choices, the mutual information, lm-eval's acc_norm
+far; val and test only at the learning-rate study's other rates) the predictive probabilities over the choices, the mutual information, lm-eval's acc_norm
 picks and the labels; the training curve and times. A finished job is never run again, so a cut
 run continues in a later session. Trained adapters are kept under ``benchmarks/out/arc/`` (git
 ignored) for the jobs derived from them, and retrained when missing.
@@ -32,6 +32,9 @@ LR_JOBS = ("lora", "ours")
 #: The peft LoRA jobs and their seed offsets (lora_mc: LoRA on the multiple-choice likelihood, lora's seed).
 MEMBER_SEEDS = {"lora": 0, "lora_m1": 1000, "lora_m2": 2000, "lora_mc": 0}
 SETS = ("val", "test", "shift", "far")
+#: What a job of the learning-rate study (any rate but the protocol's) scores: the study compares test accuracy
+#: and NLL across rates, and val fits the temperatures; the shift sets and the training curve are the protocol's.
+LR_SETS = ("val", "test")
 BAYESIANIZE = dict(num_epochs=2, learning_rate=1e-2)
 #: The learned-width variant (#31): BLoB's prior scale, the guide at its own learning rate.
 LEARNED = dict(variant="learned", prior_std=0.2, guide_learning_rate=0.05)
@@ -107,9 +110,10 @@ def run_job(job: str, seed: int, lr: float = PROTOCOL.lr) -> dict:
     record: dict[str, Any] = {"job": job, "seed": seed, "lr": lr, "samples": PROTOCOL.samples, "versions": _versions()}
     torch.manual_seed(seed)
     start = time.perf_counter()
-    sets = list(SETS)
+    study = lr != PROTOCOL.lr
+    sets = list(LR_SETS if study else SETS)
     if job in MEMBER_SEEDS:
-        model, tokenizer = _lora(rows, seed, lr, job, record, curve=job == "lora")
+        model, tokenizer = _lora(rows, seed, lr, job, record, curve=job == "lora" and not study)
         record["outputs"] = call_with_scores(lambda r: deterministic_scores(model, r, tokenizer), rows, sets)
     elif job == "mc_dropout":
         model, tokenizer = _lora(rows, seed, lr, "lora", {}, curve=False)
@@ -130,7 +134,7 @@ def run_job(job: str, seed: int, lr: float = PROTOCOL.lr) -> dict:
         record["outputs"] = call_with_scores(
             lambda r: repeated_scores(model, r, tokenizer, PROTOCOL.samples, seed), rows, sets)
     elif job in OURS:
-        monteclora = _ours(rows, seed, lr, record, curve=lr == PROTOCOL.lr, job=job)
+        monteclora = _ours(rows, seed, lr, record, curve=not study, job=job)
         record["mean_adapter"] = call_with_scores(lambda r: mean_scores(monteclora, r), rows, sets)
         record["outputs"] = call_with_scores(lambda r: posterior_scores(monteclora, r, PROTOCOL.samples, seed), rows, sets)
     elif job in RECOMMENDED:
