@@ -5,7 +5,8 @@ mean top probability, as the mean over seeds with a 95% t-interval (none for one
 of issues #25 and #31 as paired differences over the seeds two rows share, each with its 95%
 t-interval and stated hit or missed (on the mean, or with the whole interval); the recommended row
 of ours chosen on validation NLL; the validation curves of the posterior scale; the learning-rate
-study's spreads; a figure of reliability diagrams (test) and of NLL / ECE against the training step.
+study (:mod:`.lr_study`, its figure ``arc_lr.png``); a figure of reliability diagrams (test) and of
+NLL / ECE against the training step.
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ import torch
 
 from pyro_monteclora.calibration import calibration_bins
 
-from .data import LEARNING_RATES, PROTOCOL
-from .outputs import METHODS, SETS, cell, load_record, method_outputs, probs_of, seeds_found, set_metrics, summary
+from .data import PROTOCOL
+from .lr_study import figure as lr_figure
+from .lr_study import lr_study
+from .outputs import METHODS, SETS, cell, load_record, method_outputs, probs_of, seeds_found, summary
 from .targets import learned_targets, likelihood_choice, targets_25, time_ratio_cell
 
 OUT = os.path.join("benchmarks", "results")
@@ -65,34 +68,6 @@ def training_times() -> list[str]:
               "per seed: " + ", ".join(f"seed {s} {r['train_seconds']:.0f} s" for s in seeds_found()
                                        if (r := load_record("lora", s)) and "train_seconds" in r) + "."]
     return lines
-
-
-def lr_study() -> list[str]:
-    """Accuracy and NLL across the learning rates, per method (test), and the spreads (worst to best)."""
-    rates = sorted(set(LEARNING_RATES) | {PROTOCOL.lr})
-    lines, spreads = [], {}
-    header = "| method | " + " | ".join(f"lr {r:g}" for r in rates) + " | accuracy spread | NLL spread |"
-    for method in ("lora", "ours", "ours_mean"):
-        accs, nlls = [], []
-        for rate in rates:
-            seeds = [s for s in seeds_found(rate) if method_outputs(method, s, rate) is not None]
-            values = [set_metrics(method_outputs(method, s, rate)["test"]) for s in seeds]
-            accs.append(float(np.mean([v["accuracy"] for v in values])) if values else None)
-            nlls.append(float(np.mean([v["nll"] for v in values])) if values else None)
-        done = [a for a in accs if a is not None]
-        if len(done) < 2:
-            continue
-        spreads[method] = (max(done) - min(done), max(n for n in nlls if n is not None) - min(n for n in nlls if n is not None))
-        cells = [f"{a:.3f} / {n:.3f}" if a is not None else "—" for a, n in zip(accs, nlls)]
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {spreads[method][0]:.3f} | {spreads[method][1]:.3f} |")
-    if not lines:
-        return ["Learning-rate study: fewer than two learning rates have run."]
-    out = ["Test accuracy / NLL (mean over the seeds run at each rate):", "", header,
-           "|---|" + "---|" * (len(rates) + 2), *lines]
-    if "lora" in spreads and "ours" in spreads:
-        ratio = spreads["ours"][0] / spreads["lora"][0] if spreads["lora"][0] else float("nan")
-        out += ["", f"Accuracy spread ours / LoRA = {ratio:.2f} (target <= 0.5): {'hit' if ratio <= 0.5 else 'missed'}."]
-    return out
 
 
 def _figure(path: str) -> None:
@@ -173,4 +148,5 @@ def write_report(command: str) -> str:
         json.dump({"command": command, "seeds": seeds, "table": table}, handle, indent=1, sort_keys=True)
     if seeds:
         _figure(os.path.join(OUT, "arc.png"))
+    lr_figure(os.path.join(OUT, "arc_lr.png"))
     return report

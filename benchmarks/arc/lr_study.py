@@ -1,0 +1,147 @@
+"""The learning-rate study of ``benchmarks.arc`` (#25, the paper's headline claim): LoRA and ours at 4 rates
+spanning 10x, and the spread of test accuracy and NLL across them.
+
+A spread is per seed: worst to best over the rates that seed ran for both methods compared (so the two
+spreads of a seed cover the same rates), then the mean over seeds with its 95% t-interval; the target
+(ours' accuracy spread <= 0.5x LoRA's) is the paired difference ``ours - 0.5 * lora`` per seed, stated
+with :func:`.targets.verdict`. The jobs at the rates other than the protocol's score val and test only.
+
+Example::
+
+    python -c "from benchmarks.arc.lr_study import lr_study; print('\\n'.join(lr_study()))"
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import numpy as np
+
+from .data import LEARNING_RATES, PROTOCOL
+from .outputs import cell, interval, method_outputs, seeds_found, set_metrics
+from .targets import verdict
+
+#: The rows of the study: the saved jobs (``lora``, ``ours``), ours' mean adapter, each with T fitted on val.
+ROWS = ("lora", "lora_ts", "ours_mean", "ours", "ours_ts")
+#: The pairs whose spreads are compared (ours' row, LoRA's row).
+PAIRS = (("ours", "lora"), ("ours_mean", "lora"), ("ours_ts", "lora_ts"))
+RATES = tuple(sorted(set(LEARNING_RATES) | {PROTOCOL.lr}))
+
+
+def _test(method: str, seed: int, rate: float) -> Optional[dict[str, float]]:
+    outputs = method_outputs(method, seed, rate)
+    return None if outputs is None else set_metrics(outputs["test"])
+
+
+def _seeds() -> list[int]:
+    return sorted({s for rate in RATES for s in seeds_found(rate)})
+
+
+def per_rate(metric: str) -> list[str]:
+    """A table: ``metric`` on test per row and rate (mean ± interval over the seeds run there, and their count)."""
+    lines = ["| method | " + " | ".join(f"lr {r:g}" for r in RATES) + " |", "|---|" + "---|" * len(RATES)]
+    for method in ROWS:
+        cells = []
+        for rate in RATES:
+            values = [m[metric] for s in seeds_found(rate) if (m := _test(method, s, rate)) is not None]
+            cells.append(f"{cell(values)} ({len(values)})" if values else "—")
+        if any(c != "—" for c in cells):
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def spreads(a: str, b: str, metric: str) -> dict[int, tuple[float, float, list[float]]]:
+    """Per seed: (spread of ``a``, spread of ``b``, the rates) over the rates (>= 2) that seed ran for both."""
+    found = {}
+    for seed in _seeds():
+        both = [r for r in RATES if _test(a, seed, r) is not None and _test(b, seed, r) is not None]
+        if len(both) < 2:
+            continue
+        values_a = [_test(a, seed, r)[metric] for r in both]
+        values_b = [_test(b, seed, r)[metric] for r in both]
+        found[seed] = (max(values_a) - min(values_a), max(values_b) - min(values_b), both)
+    return found
+
+
+def _rates_text(found: dict) -> str:
+    return "; ".join(f"seed {s}: " + ", ".join(f"{r:g}" for r in v[2]) for s, v in found.items())
+
+
+def spread_lines() -> list[str]:
+    """The spreads of accuracy and NLL per pair, and the accuracy-spread target against 0.5x LoRA's."""
+    lines = ["| ours row / LoRA row | metric | seeds | spread of ours | spread of LoRA | ours - 0.5 x LoRA | verdict |",
+             "|---|---|---|---|---|---|---|"]
+    rates = ""
+    for a, b in PAIRS:
+        for metric in ("accuracy", "nll"):
+            found = spreads(a, b, metric)
+            if not found:
+                continue
+            rates = _rates_text(found)
+            diffs = [v[0] - 0.5 * v[1] for v in found.values()]
+            mean, half = interval(diffs)
+            shown = "" if math.isnan(half) else f" ± {half:.3f}"
+            lines.append(f"| {a} / {b} | {metric} | {len(found)} | {cell([v[0] for v in found.values()])} | "
+                         f"{cell([v[1] for v in found.values()])} | {mean:+.3f}{shown} | {verdict(mean, half)} |")
+    if len(lines) == 2:
+        return ["Learning-rate study: no seed has run two rates of both LoRA and ours."]
+    return lines + ["", f"Rates per seed (both methods): {rates}. A spread is worst minus best over those rates."]
+
+
+def best_case() -> list[str]:
+    """The paper's other claim: ours' best-case test accuracy over the rates >= LoRA's (per seed, paired)."""
+    diffs = []
+    for seed in _seeds():
+        both = [r for r in RATES if _test("ours", seed, r) is not None and _test("lora", seed, r) is not None]
+        if len(both) >= 2:
+            diffs.append(max(_test("ours", seed, r)["accuracy"] for r in both)
+                         - max(_test("lora", seed, r)["accuracy"] for r in both))
+    if not diffs:
+        return []
+    mean, half = interval(diffs)
+    shown = "" if math.isnan(half) else f" ± {half:.3f}"
+    return [f"Best-case test accuracy over the rates, ours - LoRA (per seed, the rates both ran): {mean:+.3f}{shown} "
+            f"over {len(diffs)} seed(s); the claim (>= 0) is {verdict(-mean, half)}."]
+
+
+def lr_study() -> list[str]:
+    """The report section: accuracy and NLL per rate, the spreads, the target and the best case."""
+    return ["Test accuracy per rate (mean ± 95% interval over the seeds run there; their count):", "",
+            *per_rate("accuracy"), "", "Test NLL per rate:", "", *per_rate("nll"), "", "Test ECE per rate:", "",
+            *per_rate("ece"), "", "Spreads across the rates (target: ours' accuracy spread <= 0.5x LoRA's):", "",
+            *spread_lines(), "", *best_case()]
+
+
+def figure(path: str) -> None:
+    """Test accuracy, NLL and ECE against the learning rate (per seed, and the mean), per row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.4))
+    for ax, metric in zip(axes, ("accuracy", "nll", "ece")):
+        for color, method in enumerate(("lora", "lora_ts", "ours", "ours_ts")):
+            if metric == "accuracy" and method.endswith("_ts"):
+                continue  # a temperature keeps every argmax
+            xs, means = [], []
+            for rate in RATES:
+                values = [m[metric] for s in seeds_found(rate) if (m := _test(method, s, rate)) is not None]
+                if values:
+                    xs.append(rate)
+                    means.append(float(np.mean(values)))
+                    ax.scatter([rate] * len(values), values, s=10, alpha=0.5, color=f"C{color}")
+            if xs:
+                ax.plot(xs, means, marker="o", label=method, color=f"C{color}")
+        ax.set_xscale("log")
+        ax.set_xticks(RATES, [f"{r:g}" for r in RATES])
+        ax.minorticks_off()
+        ax.set_xlabel("learning rate")
+        ax.set_title(f"ARC-Easy test {metric if metric == 'accuracy' else metric.upper()} (dots: seeds)", fontsize=9)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
