@@ -2,6 +2,7 @@
 
     python -m benchmarks.arc --seeds 0 --jobs lora ours           # the jobs, one at a time, saved as they finish
     python -m benchmarks.arc --lrs 1e-4 2e-4 1e-3 --jobs lora ours --seeds 0 1   # the learning-rate study
+    python -m benchmarks.arc --lrs 3e-3 --jobs lora ours --seeds 0             # a rate past its span
     python -m benchmarks.arc --summarize                          # benchmarks/results/arc.md, .json, .png
 """
 

@@ -48,6 +48,8 @@ class Protocol:
 PROTOCOL = Protocol()
 #: The learning rates of the robustness study (10x span, the paper's headline claim).
 LEARNING_RATES = (1e-4, 2e-4, 5e-4, 1e-3)
+#: A rate past that span (3x its top), where LoRA may break: shown beside the study, outside its spreads.
+BEYOND_RATES = (3e-3,)
 
 
 def _pick(rows: list[dict], size: int, seed: int, skip: int = 0) -> list[dict]:

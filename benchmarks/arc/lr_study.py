@@ -1,5 +1,6 @@
 """The learning-rate study of ``benchmarks.arc`` (#25, the paper's headline claim): LoRA and ours at 4 rates
-spanning 10x, and the spread of test accuracy and NLL across them.
+spanning 10x, and the spread of test accuracy and NLL across them; beside them, a rate past the span
+(``BEYOND_RATES``), where LoRA may break, as each method's change from its best rate in the span.
 
 A spread is per seed: worst to best over the rates that seed ran for both methods compared (so the two
 spreads of a seed cover the same rates), then the mean over seeds with its 95% t-interval; the target
@@ -19,7 +20,7 @@ from typing import Optional
 
 import numpy as np
 
-from .data import LEARNING_RATES, PROTOCOL
+from .data import BEYOND_RATES, LEARNING_RATES, PROTOCOL
 from .outputs import cell, interval, method_outputs, seeds_found, set_metrics
 from .targets import verdict
 
@@ -27,7 +28,9 @@ from .targets import verdict
 ROWS = ("lora", "lora_ts", "ours_mean", "ours", "ours_ts")
 #: The pairs whose spreads are compared (ours' row, LoRA's row).
 PAIRS = (("ours", "lora"), ("ours_mean", "lora"), ("ours_ts", "lora_ts"))
-RATES = tuple(sorted(set(LEARNING_RATES) | {PROTOCOL.lr}))
+#: The study's rates (the spreads), and every rate shown (the tables, the figure).
+SPAN = tuple(sorted(set(LEARNING_RATES) | {PROTOCOL.lr}))
+RATES = tuple(sorted(set(SPAN) | set(BEYOND_RATES)))
 
 
 def _test(method: str, seed: int, rate: float) -> Optional[dict[str, float]]:
@@ -56,7 +59,7 @@ def spreads(a: str, b: str, metric: str) -> dict[int, tuple[float, float, list[f
     """Per seed: (spread of ``a``, spread of ``b``, the rates) over the rates (>= 2) that seed ran for both."""
     found = {}
     for seed in _seeds():
-        both = [r for r in RATES if _test(a, seed, r) is not None and _test(b, seed, r) is not None]
+        both = [r for r in SPAN if _test(a, seed, r) is not None and _test(b, seed, r) is not None]
         if len(both) < 2:
             continue
         values_a = [_test(a, seed, r)[metric] for r in both]
@@ -99,7 +102,7 @@ def best_case() -> list[str]:
     """The paper's other claim: ours' best-case test accuracy over the rates >= LoRA's (per seed, paired)."""
     diffs = []
     for seed in _seeds():
-        both = [r for r in RATES if _test("ours", seed, r) is not None and _test("lora", seed, r) is not None]
+        both = [r for r in SPAN if _test("ours", seed, r) is not None and _test("lora", seed, r) is not None]
         if len(both) >= 2:
             diffs.append(max(_test("ours", seed, r)["accuracy"] for r in both)
                          - max(_test("lora", seed, r)["accuracy"] for r in both))
@@ -111,12 +114,35 @@ def best_case() -> list[str]:
             f"over {len(diffs)} seed(s); the claim (>= 0) is {verdict(-mean, half)}."]
 
 
+def beyond() -> list[str]:
+    """Past the span: per seed, each method's test accuracy and NLL at a rate of ``BEYOND_RATES`` minus its best
+    over the span, and ours' change minus LoRA's (paired)."""
+    lines = []
+    for rate in BEYOND_RATES:
+        for metric, best in (("accuracy", max), ("nll", min)):
+            changes = []
+            for seed in _seeds():
+                both = [r for r in SPAN if _test("ours", seed, r) is not None and _test("lora", seed, r) is not None]
+                here = [_test(m, seed, rate) for m in ("ours", "lora")]
+                if len(both) >= 2 and None not in here:
+                    changes.append([here[i][metric] - best(_test(m, seed, r)[metric] for r in both)
+                                    for i, m in enumerate(("ours", "lora"))])
+            if changes:
+                diffs = [c[0] - c[1] for c in changes]
+                mean, half = interval(diffs)
+                shown = "" if math.isnan(half) else f" ± {half:.3f}"
+                lines.append(f"At lr {rate:g}, test {metric} minus its best over the span: ours "
+                             f"{cell([c[0] for c in changes])}, LoRA {cell([c[1] for c in changes])}; ours - LoRA "
+                             f"{mean:+.3f}{shown} over {len(changes)} seed(s).")
+    return lines
+
+
 def lr_study() -> list[str]:
     """The report section: accuracy and NLL per rate, the spreads, the target and the best case."""
     return ["Test accuracy per rate (mean ± 95% interval over the seeds run there; their count):", "",
             *per_rate("accuracy"), "", "Test NLL per rate:", "", *per_rate("nll"), "", "Test ECE per rate:", "",
             *per_rate("ece"), "", "Spreads across the rates (target: ours' accuracy spread <= 0.5x LoRA's):", "",
-            *spread_lines(), "", *best_case()]
+            *spread_lines(), "", *best_case(), "", *beyond()]
 
 
 def figure(path: str) -> None:
