@@ -1,10 +1,11 @@
 """The jobs of ``benchmarks.arc``: one (method, seed[, learning rate]) each, saved when finished.
 
 A job writes ``benchmarks/results/arc/<method>-s<seed>[-lr<lr>].json``: per set (val, test, shift,
-far; val and test only at the learning-rate study's other rates) the predictive probabilities over the choices, the mutual information, lm-eval's acc_norm
-picks and the labels; the training curve and times. A finished job is never run again, so a cut
-run continues in a later session. Trained adapters are kept under ``benchmarks/out/arc/`` (git
-ignored) for the jobs derived from them, and retrained when missing.
+far; val and test only at the learning-rate study's other rates) the predictive probabilities over
+the choices, the mutual information, lm-eval's acc_norm picks and the labels; the training curve
+(the protocol's rate only) and times. A finished job is never run again, so a cut run continues in a
+later session. Trained adapters are kept under ``benchmarks/out/arc/`` (git ignored) for the jobs
+derived from them, and retrained when missing.
 """
 
 from __future__ import annotations

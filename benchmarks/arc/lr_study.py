@@ -2,10 +2,11 @@
 spanning 10x, and the spread of test accuracy and NLL across them; beside them, a rate past the span
 (``BEYOND_RATES``), where LoRA may break, as each method's change from its best rate in the span.
 
-A spread is per seed: worst to best over the rates that seed ran for both methods compared (so the two
-spreads of a seed cover the same rates), then the mean over seeds with its 95% t-interval; the target
-(ours' accuracy spread <= 0.5x LoRA's) is the paired difference ``ours - 0.5 * lora`` per seed, stated
-with :func:`.targets.verdict`. The jobs at the rates other than the protocol's score val and test only.
+A spread is per seed: worst to best over the rates every seed ran for both methods compared (a spread
+grows with the rates it covers, so all of them cover the same ones), then the mean over seeds with its
+95% t-interval; the target (ours' accuracy spread <= 0.5x LoRA's) is the paired difference
+``ours - 0.5 * lora`` per seed, stated with :func:`.targets.verdict`. The jobs at the rates other than
+the protocol's score val and test only.
 
 Example::
 
@@ -55,21 +56,45 @@ def per_rate(metric: str) -> list[str]:
     return lines
 
 
-def spreads(a: str, b: str, metric: str) -> dict[int, tuple[float, float, list[float]]]:
-    """Per seed: (spread of ``a``, spread of ``b``, the rates) over the rates (>= 2) that seed ran for both."""
+def _both(a: str, b: str, seed: int) -> list[float]:
+    return [r for r in SPAN if _test(a, seed, r) is not None and _test(b, seed, r) is not None]
+
+
+def common_rates(a: str, b: str) -> list[float]:
+    """The rates of the span that every seed with two or more of them ran for both ``a`` and ``b``: a spread
+    grows with the rates it covers, so the seeds' spreads are compared over the same rates."""
+    sets = [set(both) for seed in _seeds() if len(both := _both(a, b, seed)) >= 2]
+    return sorted(set.intersection(*sets)) if sets else []
+
+
+def spreads(a: str, b: str, metric: str, rates: Optional[list[float]] = None) -> dict[int, tuple[float, float]]:
+    """Per seed: (spread of ``a``, spread of ``b``) over ``rates`` (default: :func:`common_rates`), for every
+    seed that ran them all for both."""
+    rates = common_rates(a, b) if rates is None else rates
     found = {}
     for seed in _seeds():
-        both = [r for r in SPAN if _test(a, seed, r) is not None and _test(b, seed, r) is not None]
-        if len(both) < 2:
+        if len(rates) < 2 or not set(rates) <= set(_both(a, b, seed)):
             continue
-        values_a = [_test(a, seed, r)[metric] for r in both]
-        values_b = [_test(b, seed, r)[metric] for r in both]
-        found[seed] = (max(values_a) - min(values_a), max(values_b) - min(values_b), both)
+        values_a = [_test(a, seed, r)[metric] for r in rates]
+        values_b = [_test(b, seed, r)[metric] for r in rates]
+        found[seed] = (max(values_a) - min(values_a), max(values_b) - min(values_b))
     return found
 
 
-def _rates_text(found: dict) -> str:
-    return "; ".join(f"seed {s}: " + ", ".join(f"{r:g}" for r in v[2]) for s, v in found.items())
+def own_spreads() -> list[str]:
+    """Each seed's spreads over every rate it ran for ours and LoRA (wider than the common rates may be)."""
+    lines = []
+    for seed in _seeds():
+        both = _both("ours", "lora", seed)
+        if len(both) < 2 or both == common_rates("ours", "lora"):
+            continue
+        cells = []
+        for metric in ("accuracy", "nll"):
+            ours, lora = spreads("ours", "lora", metric, both)[seed]
+            cells.append(f"{metric} ours {ours:.3f}, LoRA {lora:.3f}")
+        lines.append(f"Seed {seed} over all the rates it ran (" + ", ".join(f"{r:g}" for r in both) + "): "
+                     + "; ".join(cells) + ".")
+    return lines
 
 
 def spread_lines() -> list[str]:
@@ -77,7 +102,6 @@ def spread_lines() -> list[str]:
     against LoRA's (no target in #25: a smaller spread than LoRA's is the claim's direction)."""
     lines = ["| ours row / LoRA row | metric | seeds | spread of ours | spread of LoRA | paired: ours - factor x LoRA "
              "| verdict |", "|---|---|---|---|---|---|---|"]
-    rates = ""
     for a, b in PAIRS:
         for metric, factor in (("accuracy", 0.5), ("nll", 1.0)):
             if metric == "accuracy" and a.endswith("_ts"):
@@ -85,7 +109,6 @@ def spread_lines() -> list[str]:
             found = spreads(a, b, metric)
             if not found:
                 continue
-            rates = _rates_text(found)
             mean, half = interval([v[0] - factor * v[1] for v in found.values()])
             shown = "" if math.isnan(half) else f" ± {half:.3f}"
             lines.append(f"| {a} / {b} | {metric} | {len(found)} | {cell([v[0] for v in found.values()])} | "
@@ -93,16 +116,17 @@ def spread_lines() -> list[str]:
                          f"{verdict(mean, half)} |")
     if len(lines) == 2:
         return ["Learning-rate study: no seed has run two rates of both LoRA and ours."]
-    return lines + ["", f"Rates per seed (both methods): {rates}. A spread is worst minus best over those rates; "
-                    "the accuracy rows test #25's target (factor 0.5), the NLL rows whether ours' spread is below "
-                    "LoRA's (factor 1)."]
+    rates = ", ".join(f"{r:g}" for r in common_rates("ours", "lora"))
+    return lines + ["", f"Over the rates every seed ran for both ({rates}); a spread is worst minus best over them. "
+                    "The accuracy rows test #25's target (factor 0.5), the NLL rows whether ours' spread is below "
+                    "LoRA's (factor 1).", "", *own_spreads()]
 
 
 def best_case() -> list[str]:
     """The paper's other claim: ours' best-case test accuracy over the rates >= LoRA's (per seed, paired)."""
     diffs = []
     for seed in _seeds():
-        both = [r for r in SPAN if _test("ours", seed, r) is not None and _test("lora", seed, r) is not None]
+        both = _both("ours", "lora", seed)
         if len(both) >= 2:
             diffs.append(max(_test("ours", seed, r)["accuracy"] for r in both)
                          - max(_test("lora", seed, r)["accuracy"] for r in both))
@@ -122,7 +146,7 @@ def beyond() -> list[str]:
         for metric, best in (("accuracy", max), ("nll", min)):
             changes = []
             for seed in _seeds():
-                both = [r for r in SPAN if _test("ours", seed, r) is not None and _test("lora", seed, r) is not None]
+                both = _both("ours", "lora", seed)
                 here = [_test(m, seed, rate) for m in ("ours", "lora")]
                 if len(both) >= 2 and None not in here:
                     changes.append([here[i][metric] - best(_test(m, seed, r)[metric] for r in both)
