@@ -22,8 +22,8 @@ from typing import Optional
 import numpy as np
 
 from .data import BEYOND_RATES, LEARNING_RATES, PROTOCOL
-from .outputs import cell, interval, method_outputs, seeds_found, set_metrics
-from .targets import verdict
+from .outputs import cell, interval, load_record, method_outputs, seeds_found, set_metrics
+from .targets import clean_training, verdict
 
 #: The rows of the study: the saved jobs (``lora``, ``ours``), ours' mean adapter, each with T fitted on val.
 ROWS = ("lora", "lora_ts", "ours_mean", "ours", "ours_ts")
@@ -119,7 +119,7 @@ def spread_lines() -> list[str]:
     rates = ", ".join(f"{r:g}" for r in common_rates("ours", "lora"))
     return lines + ["", f"Over the rates every seed ran for both ({rates}); a spread is worst minus best over them. "
                     "The accuracy rows test #25's target (factor 0.5), the NLL rows whether ours' spread is below "
-                    "LoRA's (factor 1).", "", *own_spreads()]
+                    "LoRA's (factor 1).", *(["", *own] if (own := own_spreads()) else [])]
 
 
 def best_case() -> list[str]:
@@ -161,12 +161,32 @@ def beyond() -> list[str]:
     return lines
 
 
+def time_ratios() -> list[str]:
+    """Ours' training seconds over LoRA's, per (seed, rate) at the study's other rates (no curve scoring there),
+    for the pairs both trained alone on the cores (:func:`.targets.clean_training`)."""
+    ratios = {}
+    for rate in RATES:
+        if rate == PROTOCOL.lr:
+            continue  # the protocol's rate: the report's training-time section
+        for seed in seeds_found(rate):
+            ours, lora = load_record("ours", seed, rate), load_record("lora", seed, rate)
+            if clean_training(ours) and clean_training(lora):
+                ratios[(seed, rate)] = ours["train_seconds"] / lora["train_seconds"]
+    if not ratios:
+        return []
+    mean, half = interval(list(ratios.values()))
+    shown = "" if math.isnan(half) else f" ± {half:.2f}"
+    return ["Training seconds, ours (SFT) / LoRA (SFT), the same seed and rate, both trained alone: "
+            + ", ".join(f"seed {s} lr {r:g} {v:.2f}" for (s, r), v in sorted(ratios.items()))
+            + f"; mean {mean:.2f}{shown} over {len(ratios)} pairs (a pair is two whole runs, one after the other)."]
+
+
 def lr_study() -> list[str]:
     """The report section: accuracy and NLL per rate, the spreads, the target and the best case."""
     return ["Test accuracy per rate (mean ± 95% interval over the seeds run there; their count):", "",
             *per_rate("accuracy"), "", "Test NLL per rate:", "", *per_rate("nll"), "", "Test ECE per rate:", "",
             *per_rate("ece"), "", "Spreads across the rates (target: ours' accuracy spread <= 0.5x LoRA's):", "",
-            *spread_lines(), "", *best_case(), "", *beyond()]
+            *spread_lines(), "", *best_case(), "", *beyond(), "", *time_ratios()]
 
 
 def figure(path: str) -> None:
