@@ -190,7 +190,10 @@ def lr_study() -> list[str]:
 
 
 def figure(path: str) -> None:
-    """Test accuracy, NLL and ECE against the learning rate (per seed, and the mean), per row."""
+    """Test accuracy, NLL and ECE against the learning rate (per seed, and the mean), per row; nothing until a
+    rate other than the protocol's has run."""
+    if not any(seeds_found(rate) for rate in RATES if rate != PROTOCOL.lr):
+        return
     import matplotlib
 
     matplotlib.use("Agg")
