@@ -29,7 +29,6 @@ ADAPTERS = os.path.join("benchmarks", "out", "arc")
 #: Jobs; lora_ts, ours_ts and the ensemble are formed from saved outputs at summary time.
 JOBS = ("lora", "lora_mc", "ours", "ours_learned", "ours_mc", "ours_learned_mc", "ours_recommended",
         "ours_learned_recommended", "bayesianize", "blob", "peft_mc", "mc_dropout", "lora_m1", "lora_m2")
-LR_JOBS = ("lora", "ours")
 #: The peft LoRA jobs and their seed offsets (lora_mc: LoRA on the multiple-choice likelihood, lora's seed).
 MEMBER_SEEDS = {"lora": 0, "lora_m1": 1000, "lora_m2": 2000, "lora_mc": 0}
 SETS = ("val", "test", "shift", "far")

@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Optional
@@ -34,6 +35,7 @@ SPAN = tuple(sorted(set(LEARNING_RATES) | {PROTOCOL.lr}))
 RATES = tuple(sorted(set(SPAN) | set(BEYOND_RATES)))
 
 
+@functools.lru_cache(maxsize=None)  # the tables, spreads and figure ask for the same (row, seed, rate) many times
 def _test(method: str, seed: int, rate: float) -> Optional[dict[str, float]]:
     outputs = method_outputs(method, seed, rate)
     return None if outputs is None else set_metrics(outputs["test"])
